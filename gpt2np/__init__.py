@@ -1,0 +1,14 @@
+"""gpt2np: GPT-2 in pure NumPy, built to look inside the model.
+
+>>> import gpt2np
+>>> model = gpt2np.load("gpt2")                      # weights/gpt2/, downloaded once
+>>> trace = model.forward(model.encode("Hello world"))
+>>> trace.resid.shape                                # [L+1, T, D] every residual stream
+"""
+from .api import Model, load
+from .config import SIZES, Config
+from .model import Trace
+from .weights import download
+
+__all__ = ["Config", "Model", "SIZES", "Trace", "download", "load"]
+__version__ = "0.1.0"

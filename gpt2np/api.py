@@ -1,0 +1,93 @@
+"""The object users hold: ``gpt2np.load(...)`` returns a ``Model`` with forward, encode and decode."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+
+from . import backend, model, tokenizer
+from .config import Config
+from .weights import Params, read_params, resolve
+
+
+@dataclass(frozen=True)
+class Model:
+    """A loaded GPT-2: configuration, parameters (NumPy or CuPy arrays) and tokenizer."""
+
+    config: Config
+    params: Params
+    tokenizer: tiktoken.Encoding
+    name: str = "gpt2"
+    path: Path | None = None
+
+    @property
+    def device(self) -> str:
+        return "cpu" if backend.is_numpy(self.params.wte) else "gpu"
+
+    def to(self, device: str) -> "Model":
+        """Move the weights once to ``'cpu'`` or ``'gpu'`` (CuPy); every computation follows them."""
+        if device == self.device:
+            return self
+        if device == "cpu":
+            return replace(self, params=self.params.map(backend.to_numpy))
+        xp = backend.device_namespace(device)
+        return replace(self, params=self.params.map(xp.asarray))
+
+    def forward(self, ids, *, sublayers: bool = False, patterns: bool = False) -> model.Trace:
+        """Run the model on one sequence of token ids ``[T]`` and return its ``Trace``.
+
+        Parameters
+        ----------
+        ids : sequence of int or ndarray, shape (T,), 1 <= T <= n_positions
+        sublayers : also keep ``resid_mid``, ``attn_out`` and ``mlp_out`` (each ``[L, T, D]``)
+        patterns : also keep the attention probabilities ``pattern`` (``[L, H, T, T]``)
+
+        Examples
+        --------
+        >>> m = gpt2np.load("gpt2")
+        >>> tr = m.forward(m.encode("The logit lens"))
+        >>> tr.resid.shape, tr.logits.shape   # (13, 3, 768), (3, 50257)
+        """
+        ids = model.check_ids(ids, self.config)
+        xp = backend.namespace(self.params.wte)
+        return model.forward(self.params, self.config, xp.asarray(ids), sublayers=sublayers, patterns=patterns)
+
+    __call__ = forward
+
+    def encode(self, text: str, *, special: bool = True) -> np.ndarray:
+        """Text -> ids ``[T]``. ``<|endoftext|>`` becomes the special token unless ``special=False``."""
+        return tokenizer.encode(self.tokenizer, text, special=special)
+
+    def decode(self, ids) -> str:
+        """Ids -> text."""
+        return tokenizer.decode(self.tokenizer, ids)
+
+    def tokens(self, ids) -> list[str]:
+        """One display string per id."""
+        return tokenizer.token_strings(self.tokenizer, ids)
+
+
+def load(name_or_path: str | Path = "gpt2", *, weights_dir: str | Path | None = None, offline: bool | None = None,
+         device: str = "cpu") -> Model:
+    """Load a GPT-2 checkpoint by name (downloading it into ``weights/`` if missing) or from a folder.
+
+    Parameters
+    ----------
+    name_or_path : ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` (or ``openai-community/...``),
+        or a folder holding config.json, model.safetensors, vocab.json and merges.txt.
+    weights_dir : where named checkpoints live (default ``$GPT2NP_WEIGHTS`` or ``./weights``).
+    offline : never download; a missing checkpoint is an immediate error (default: ``$GPT2NP_OFFLINE``).
+    device : ``'cpu'`` (NumPy) or ``'gpu'`` (CuPy, moved once after loading).
+    """
+    xp = backend.device_namespace(device)  # fail early if the GPU is not usable
+    folder = resolve(name_or_path, root=weights_dir, offline=offline)
+    config = Config.from_json(folder / "config.json")
+    enc = tokenizer.load_tokenizer(folder, name=folder.name)
+    if enc.n_vocab != config.vocab_size:
+        raise ValueError(f"{folder}: the tokenizer has {enc.n_vocab} tokens but config.json says vocab_size="
+                         f"{config.vocab_size}; the files do not belong together")
+    params = read_params(folder / "model.safetensors", config)
+    m = Model(config, params, enc, name=folder.name, path=folder)
+    return m if xp is np else m.to(device)

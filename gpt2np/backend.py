@@ -1,0 +1,53 @@
+"""Array backends. The array module always comes from the arrays themselves (NumPy, CuPy, or any
+namespace of the Python array API standard); CuPy is imported only when the GPU is asked for."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def namespace(x):
+    """The array module of ``x`` (``numpy`` for NumPy arrays, ``cupy`` for CuPy arrays, ...)."""
+    return x.__array_namespace__()
+
+
+def is_numpy(x) -> bool:
+    return isinstance(x, np.ndarray)
+
+
+def to_numpy(x):
+    """Bring an array back to host NumPy (for figures and files); None passes through."""
+    if x is None or isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "get") and type(x).__module__.startswith("cupy"):
+        return x.get()
+    return np.from_dlpack(x)
+
+
+def gpu():
+    """Return the ``cupy`` module if a CUDA device is usable, else raise with what to do.
+
+    ``import cupy`` succeeds on machines without a GPU, so availability is checked explicitly.
+    """
+    try:
+        import cupy
+    except ImportError:
+        raise RuntimeError('device="gpu" needs CuPy: pip install "gpt2np[gpu]" (CuPy with its CUDA '
+                           "libraries), then try again") from None
+    try:
+        usable = cupy.cuda.is_available() and cupy.cuda.runtime.getDeviceCount() > 0
+        if usable:
+            cupy.zeros(1, dtype=cupy.float32).get()  # a real allocation: drivers can still fail here
+    except Exception as e:  # CUDA driver errors come in several types
+        raise RuntimeError(f"CuPy is installed but no GPU is usable ({e}); use device='cpu'") from None
+    if not usable:
+        raise RuntimeError("CuPy is installed but no GPU is usable (no CUDA device found); use device='cpu'")
+    return cupy
+
+
+def device_namespace(device: str):
+    """'cpu' -> numpy, 'gpu' (or 'cuda') -> cupy (checked); anything else is an error."""
+    if device == "cpu":
+        return np
+    if device in ("gpu", "cuda"):
+        return gpu()
+    raise ValueError(f"unknown device {device!r}: use 'cpu' or 'gpu'")
