@@ -8,6 +8,7 @@ import numpy as np
 import tiktoken
 
 from . import backend, model, tokenizer
+from . import generate as generation
 from .config import Config
 from .weights import Params, read_params, resolve
 
@@ -67,6 +68,47 @@ class Model:
     def tokens(self, ids) -> list[str]:
         """One display string per id."""
         return tokenizer.token_strings(self.tokenizer, ids)
+
+    def generate(self, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop_at_eot: bool = False) -> np.ndarray:
+        """Continue ``ids`` by up to ``max_new_tokens`` tokens with a KV cache; return the new tokens ``[N]``.
+
+        ``temperature=0`` is greedy; sampling applies top-k, then top-p, and is reproducible with ``seed``.
+        The prompt and the new tokens must fit in the context: ``len(ids) + max_new_tokens <= n_positions``.
+        ``stop_at_eot`` stops after ``<|endoftext|>`` (kept in the result). See ``gpt2np.generate.generate``.
+
+        Examples
+        --------
+        >>> m = gpt2np.load("gpt2")
+        >>> m.decode(m.generate(m.encode("The logit lens"), 20, temperature=0))
+        """
+        return np.array(list(self.stream(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                         seed=seed, stop_at_eot=stop_at_eot)), dtype=np.int64)
+
+    def stream(self, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, stop_at_eot: bool = False):
+        """Like ``generate``, but yield each new token (an int) as soon as it is chosen.
+
+        The arguments are checked when this is called, before the first token.
+
+        Examples
+        --------
+        >>> for t in m.stream(m.encode("Hello"), 10, seed=0):
+        ...     print(m.decode([t]), end="", flush=True)
+        """
+        ids = model.check_ids(ids, self.config)
+        return generation.stream(self.params, self.config, ids, max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=seed, stop_at_eot=stop_at_eot,
+                                 eot_id=self.tokenizer.eot_token)
+
+    def score(self, ids) -> np.ndarray:
+        """Log-probability (float64, natural log) of each token after the first, ``[T-1]``.
+
+        ``gpt2np.generate.perplexity(m.score(ids))`` gives the mean cross-entropy and the perplexity.
+        """
+        ids = model.check_ids(ids, self.config)
+        xp = backend.namespace(self.params.wte)
+        return generation.score(self.params, self.config, xp.asarray(ids))
 
 
 def load(name_or_path: str | Path = "gpt2", *, weights_dir: str | Path | None = None, offline: bool | None = None,
