@@ -15,8 +15,12 @@ def is_numpy(x) -> bool:
 
 
 def to_numpy(x):
-    """Bring an array back to host NumPy (for figures and files); None passes through."""
-    if x is None or isinstance(x, np.ndarray):
+    """Bring an array back to host NumPy (for figures and files); None and NumPy values pass through.
+
+    CuPy arrays are copied with ``.get()``; any other array API array (e.g. ``array_api_strict``)
+    through DLPack; NumPy scalars (what NumPy reductions return) and Python numbers stay as they are.
+    """
+    if x is None or isinstance(x, (np.ndarray, np.generic, int, float, complex)):
         return x
     if hasattr(x, "get") and type(x).__module__.startswith("cupy"):
         return x.get()

@@ -127,12 +127,12 @@ class Trace:
     @property
     def resid_post(self):
         """``[L, T, D]``: the stream after each block."""
-        return self.resid[1:]
+        return self.resid[1:, ...]
 
     @property
     def resid_pre(self):
         """``[L, T, D]``: the stream entering each block."""
-        return self.resid[:-1]
+        return self.resid[:-1, ...]
 
     def numpy(self) -> "Trace":
         """The same trace with every array on the host as NumPy."""
