@@ -7,8 +7,9 @@
 """
 from .api import Model, load
 from .config import SIZES, Config
+from .lens import Lens, logit_lens, self_check
 from .model import Trace
 from .weights import download
 
-__all__ = ["Config", "Model", "SIZES", "Trace", "download", "load"]
+__all__ = ["Config", "Lens", "Model", "SIZES", "Trace", "download", "load", "logit_lens", "self_check"]
 __version__ = "0.1.0"

@@ -1,0 +1,479 @@
+"""The logit lens (nostalgebraist, 2020), as specified in ``shared/reference/lens-spec.md``.
+
+Each row of the residual stream is read through the decoder (``ln_f`` then the tied unembedding,
+or a variant) and reduced, position by position, to a few numbers: top-k tokens, ranks, KL
+divergences, entropy, next-token statistics. The full ``[rows, T, V]`` array is never built: rows
+are read in chunks of positions, one large matrix product per (row, chunk), with the reductions
+right after it, so memory stays ``O(rows x T x k)`` plus one ``[chunk, V]`` buffer.
+
+Numerics. Logits come from float32 products; log-sum-exp, entropy, KL and probabilities are
+finished in float64 per position. KL uses the identity (z = x_hat @ W.T, W the unembedding)
+
+    KL(final || row) = sum_v p_f (log p_f - log p_row)
+                     = (lse_row - lse_final) - (x_hat_row - x_hat_final) . (p_final @ W)
+
+which is exactly 0 for the final row, free of cancellation near it, and costs one ``[chunk, V]``
+product per chunk instead of one ``[chunk, V]`` pass per row. Ranks count strictly larger
+logits (ties count in the token's favour); top-k ties go to the lower token id.
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from . import model as M
+from .backend import namespace, to_numpy
+
+NORMS = ("ln_f", "norm", "raw")
+CHUNK = 256  # positions per matrix product: large enough for BLAS, [256, 50257] float32 = 51 MB
+SUB = 16  # positions per reduction step in the NumPy path: the [16, V] slice stays in cache
+
+
+@dataclass(frozen=True)
+class Lens:
+    """Logit-lens results for rows R (depth order) and window positions W = end - start.
+
+    Arrays over (row, position) are ``[R, W]``; ``top_*`` are ``[R, W, k]``. At the last position of
+    the sequence the next token is unknown: ``next_rank`` is -1, ``next_prob`` and ``next_xent`` NaN.
+    """
+
+    rows: tuple  # R labels: "input", "0.attn", "0", ...
+    ids: np.ndarray  # [T] the whole sequence
+    tokens: np.ndarray  # [T] display strings of ids
+    start: int
+    end: int
+    top_ids: np.ndarray  # [R, W, k] int64
+    top_logits: np.ndarray  # [R, W, k] float32
+    top_probs: np.ndarray  # [R, W, k] float64
+    top_tokens: np.ndarray  # [R, W, k] display strings
+    final_ids: np.ndarray  # [W] the final distribution's top-1 token
+    final_rank: np.ndarray  # [R, W] rank of the final top-1 under the row (1 = top)
+    kl_final: np.ndarray  # [R, W] KL(final || row), nats
+    kl_input: np.ndarray  # [R, W] KL(input || row), nats
+    input_rank: np.ndarray  # [R, W] rank of the input token under the row
+    entropy: np.ndarray  # [R, W] nats
+    next_rank: np.ndarray  # [R, W] rank of the true next token (-1 where unknown)
+    next_prob: np.ndarray  # [R, W] its probability (NaN where unknown)
+    next_xent: np.ndarray  # [R, W] its cross-entropy -log p, nats (NaN where unknown)
+    lock_in: np.ndarray  # [W] index of the first row from which top-1 == final top-1 to the last row
+    settings: dict = field(default_factory=dict)
+
+    # --- derived views -------------------------------------------------------------------------
+    @property
+    def positions(self) -> np.ndarray:
+        """``[W]`` absolute positions of the window."""
+        return np.arange(self.start, self.end)
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        return self.ids[self.start:self.end]
+
+    @property
+    def next_ids(self) -> np.ndarray:
+        """``[W]`` true next token ids, -1 at the last position of the sequence."""
+        nxt = np.full(self.end - self.start, -1, np.int64)
+        avail = self.ids[self.start + 1:self.end + 1]
+        nxt[:len(avail)] = avail
+        return nxt
+
+    @property
+    def top1(self) -> np.ndarray:
+        """``[R, W]`` top-1 token of each cell."""
+        return self.top_ids[..., 0]
+
+    @property
+    def matches_final(self) -> np.ndarray:
+        """``[R, W]`` bool: the cell's top-1 equals the final top-1 (the post's outlines)."""
+        return self.top1 == self.final_ids[None, :]
+
+    @property
+    def final_correct(self) -> np.ndarray:
+        """``[W]`` bool: the final top-1 equals the true next token (the post's ``*``)."""
+        return self.final_ids == self.next_ids
+
+    # --- files ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain Python (lists, numbers, strings; NaN as None) ready for ``json.dumps``."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, np.ndarray):
+                v = v.tolist() if v.dtype.kind != "f" else np.where(np.isnan(v), None, v).tolist()
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Save to ``.npz`` (compressed, no pickle) or ``.json``, chosen by the extension."""
+        path = Path(path)
+        if path.suffix == ".json":
+            path.write_text(json.dumps(self.to_dict()))
+            return path
+        if path.suffix != ".npz":
+            raise ValueError(f"cannot save a lens as {path.suffix or 'a file without extension'}: use .npz or .json")
+        arrays = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), np.ndarray)}
+        meta = {"rows": list(self.rows), "start": self.start, "end": self.end, "settings": self.settings}
+        np.savez_compressed(path, __meta__=np.array(json.dumps(meta)), **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Lens":
+        """Load a lens saved with ``save`` (``.npz`` or ``.json``)."""
+        path = Path(path)
+        if path.suffix == ".json":
+            raw = json.loads(path.read_text())
+            kinds = {f.name: f for f in fields(cls)}
+            args = {}
+            for name, v in raw.items():
+                if name not in kinds:
+                    continue
+                if name in ("rows",):
+                    args[name] = tuple(v)
+                elif name in ("start", "end", "settings"):
+                    args[name] = v
+                else:
+                    args[name] = _from_json_list(name, v)
+            return cls(**args)
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["__meta__"]))
+            arrays = {k: z[k] for k in z.files if k != "__meta__"}
+        return cls(rows=tuple(meta["rows"]), start=meta["start"], end=meta["end"], settings=meta["settings"],
+                   **arrays)
+
+
+_INT_FIELDS = {"ids", "top_ids", "final_ids", "final_rank", "input_rank", "next_rank", "lock_in"}
+_STR_FIELDS = {"tokens", "top_tokens"}
+
+
+def _from_json_list(name: str, v) -> np.ndarray:
+    if name in _INT_FIELDS:
+        return np.asarray(v, np.int64)
+    if name in _STR_FIELDS:
+        return np.asarray(v, dtype=str)
+    a = np.asarray(v, dtype=object)
+    a = np.where(a == None, np.nan, a)  # noqa: E711  (JSON null -> NaN)
+    return a.astype(np.float32 if name == "top_logits" else np.float64)
+
+
+# -------------------------------------------------------------------------------------------------
+# Rows and decoders
+
+
+def select_rows(n_layer: int, *, step: int = 1, include_input: bool = True, sublayers: bool = False,
+                decoder_blocks: int = 0) -> list[tuple[str, str, int]]:
+    """The shown rows in depth order as ``(label, source, index)`` with source ``resid`` or ``resid_mid``.
+
+    Of the n = L - decoder_blocks shown blocks, block l is kept when (n - 1 - l) % step == 0, so the
+    last shown block is always kept; ``l.attn`` comes with every kept block l when ``sublayers``.
+    """
+    n = n_layer - decoder_blocks
+    rows = [("input", "resid", 0)] if include_input else []
+    for l in range(n):
+        if (n - 1 - l) % step == 0:
+            if sublayers:
+                rows.append((f"{l}.attn", "resid_mid", l))
+            rows.append((str(l), "resid", l + 1))
+    return rows
+
+
+def decoder_norm(model, x, norm: str):
+    """The decoder's normalisation of a stream ``x [..., D]`` (the unembedding comes after)."""
+    p, eps = model.params, model.config.layer_norm_epsilon
+    if norm == "ln_f":
+        return M.layer_norm(x, p.ln_f_weight, p.ln_f_bias, eps)
+    if norm == "norm":
+        return M.layer_norm(x, None, None, eps)
+    return x
+
+
+def run_blocks(model, x, first: int):
+    """Run blocks ``first..L-1`` on a whole prefix ``x [T, D]`` exactly as the model does."""
+    p, eps, H = model.params, model.config.layer_norm_epsilon, model.config.n_head
+    for b in p.h[first:]:
+        x = x + M.attention(M.layer_norm(x, b.ln_1_weight, b.ln_1_bias, eps), b, H)[0]
+        x = x + M.mlp(M.layer_norm(x, b.ln_2_weight, b.ln_2_bias, eps), b)
+    return x
+
+
+# -------------------------------------------------------------------------------------------------
+# Reductions of one [n, V] block of logits. Both paths return the same dict of per-position arrays:
+#   top_ids [n, k] int64, top_logits [n, k] float32, lse [n] float64, entropy [n] float64,
+#   target_logits [n, J] float32, ranks [n, J] int64  (J targets per position; -1 = no target).
+
+
+def reduce_plain(z, targets, k: int) -> dict:
+    """Array-API reduction (NumPy, CuPy, array_api_strict): the readable reference path."""
+    xp = namespace(z)
+    m = xp.max(z, axis=1, keepdims=True)  # [n, 1]
+    zs = z - m  # [n, V] shifted, <= 0
+    e = xp.exp(zs)  # [n, V]
+    s = xp.sum(e, axis=1)  # [n]
+    ez = xp.sum(e * zs, axis=1)  # [n]  E[z - m] * s, terms all <= 0
+    order = xp.argsort(z, axis=1, descending=True, stable=True)[:, :k]  # [n, k] ties -> lower id
+    t = xp.take_along_axis(z, xp.clip(targets, 0, None), axis=1)  # [n, J]
+    ranks = 1 + xp.sum(xp.astype(z[:, None, :] > t[:, :, None], xp.int64), axis=2)  # [n, J]
+    out = {"top_ids": order, "top_logits": xp.take_along_axis(z, order, axis=1), "target_logits": t,
+           "ranks": ranks, "s": s, "ez": ez, "m": m[:, 0]}
+    out = {key: to_numpy(v) for key, v in out.items()}
+    return _finish(out)
+
+
+def _finish(out: dict) -> dict:
+    s, m = out.pop("s").astype(np.float64), out.pop("m").astype(np.float64)
+    out["lse"] = m + np.log(s)
+    out["entropy"] = np.log(s) - out.pop("ez").astype(np.float64) / s
+    out["top_ids"] = out["top_ids"].astype(np.int64)
+    out["ranks"] = out["ranks"].astype(np.int64)
+    return out
+
+
+def _topk_candidates(z: np.ndarray, k: int):
+    """Exact top-k of each row of ``z [n, V]`` without a full partition (NumPy path).
+
+    Columns j of the view ``[n, V // G, G]`` (token ids j, j + G, ...) are ranked by their maximum;
+    the k best columns plus the tail hold the top k (an element outside them would be beaten by k
+    column maxima). Exact ties at the boundary fall back to a full scan of that row.
+    """
+    n, V = z.shape
+    G = min(1024, max(1, V // 16))
+    nb = V // G
+    body = z[:, :nb * G].reshape(n, nb, G)
+    gmax = body.max(axis=1)  # [n, G]
+    kk = min(k, G)
+    cols = np.argpartition(gmax, G - kk, axis=1)[:, G - kk:]  # [n, kk]
+    vals = np.take_along_axis(body, cols[:, None, :], axis=2).reshape(n, nb * kk)  # [n, nb*kk]
+    ids = (np.arange(nb)[None, :, None] * G + cols[:, None, :]).reshape(n, nb * kk)
+    tail = z[:, nb * G:]
+    if tail.shape[1]:
+        vals = np.concatenate([vals, tail], axis=1)
+        ids = np.concatenate([ids, np.broadcast_to(np.arange(nb * G, V), tail.shape)], axis=1)
+    order = np.lexsort((ids, -vals), axis=1)[:, :k]  # by value desc, then id asc
+    top_ids, top_vals = np.take_along_axis(ids, order, 1), np.take_along_axis(vals, order, 1)
+    # columns not chosen whose maximum ties the k-th value may hide a lower id of equal value
+    gmax_rest = gmax.copy()
+    np.put_along_axis(gmax_rest, cols, -np.inf, axis=1)
+    for i in np.flatnonzero(gmax_rest.max(axis=1) >= top_vals[:, -1]):
+        cand = np.flatnonzero(z[i] >= top_vals[i, -1])
+        o = np.lexsort((cand, -z[i, cand]))[:k]
+        top_ids[i], top_vals[i] = cand[o], z[i, cand[o]]
+    return top_ids.astype(np.int64), top_vals, gmax.max(axis=1) if not tail.shape[1] else np.maximum(
+        gmax.max(axis=1), tail.max(axis=1))
+
+
+def reduce_numpy(z: np.ndarray, targets: np.ndarray, k: int, e: np.ndarray, b: np.ndarray) -> dict:
+    """The same reduction as ``reduce_plain`` in few passes over ``z`` (NumPy only).
+
+    ``e`` (float32) and ``b`` (bool) are scratch buffers of z's shape. ``z`` is overwritten.
+    """
+    n, V = z.shape
+    if k > V // 2:  # small vocabularies or huge k: the plain path is as fast
+        return reduce_plain(z, targets, k)
+    top_ids, top_vals, m = _topk_candidates(z, k)
+    t = np.take_along_axis(z, np.clip(targets, 0, None), axis=1)  # [n, J]
+    # rank = 1 + #(z > t): read off the top-k when t >= the k-th value, else count the row
+    ranks = 1 + (top_vals[:, None, :] > t[:, :, None]).sum(axis=2)  # [n, J]
+    need = t < top_vals[:, -1:]  # [n, J]
+    for j in range(t.shape[1]):
+        rows = np.flatnonzero(need[:, j])
+        if len(rows) == 0:
+            continue
+        np.greater(z[rows] if len(rows) < n else z, t[rows, j, None], out=b[:len(rows)])
+        ranks[rows, j] = 1 + np.count_nonzero(b[:len(rows)], axis=1)
+    np.subtract(z, m[:, None], out=z)  # z - max, <= 0
+    np.exp(z, out=e)
+    out = {"top_ids": top_ids, "top_logits": top_vals, "target_logits": t, "ranks": ranks,
+           "s": e.sum(axis=1), "ez": np.vecdot(e, z), "m": m}
+    return _finish(out)
+
+
+def _reduce_chunk(z, targets, k: int, pool) -> dict:
+    """Reduce a ``[C, V]`` block: NumPy in cache-sized slices (on a thread pool if given), else plain."""
+    if not isinstance(z, np.ndarray):
+        return reduce_plain(z, targets, k)
+    C, V = z.shape
+    slices = [slice(i, min(i + SUB, C)) for i in range(0, C, SUB)]
+    parts = [slices[0::2], slices[1::2]] if pool is not None else [slices]
+
+    def work(part):  # each worker has its own scratch buffers
+        e, b = np.empty((SUB, V), np.float32), np.empty((SUB, V), bool)
+        return [(s, reduce_numpy(z[s], targets[s], k, e[:s.stop - s.start], b[:s.stop - s.start])) for s in part]
+
+    done = pool.map(work, parts) if pool is not None else map(work, parts)
+    results = sorted((r for part in done for r in part), key=lambda r: r[0].start)
+    return {key: np.concatenate([r[1][key] for r in results]) for key in results[0][1]}
+
+
+def anchor(hat, W_unT, W_un):
+    """Final or input distribution of a chunk from its decoder input ``hat [C, D]``.
+
+    Returns ``(top1 [C], lse [C] float64, u [C, D] float64)`` with ``u = p @ W`` for the KL identity.
+    """
+    xp = namespace(hat)
+    z = hat @ W_unT  # [C, V]
+    top1 = xp.argmax(z, axis=1)  # first maximum: ties -> lower id
+    m = xp.max(z, axis=1, keepdims=True)  # [C, 1]
+    z -= m
+    p = xp.exp(z)  # [C, V]
+    del z
+    s = xp.sum(p, axis=1, keepdims=True)  # [C, 1]
+    p /= s
+    lse = to_numpy(m).astype(np.float64)[:, 0] + np.log(to_numpy(s).astype(np.float64)[:, 0])
+    return to_numpy(top1).astype(np.int64), lse, to_numpy(p @ W_un).astype(np.float64)
+
+
+# -------------------------------------------------------------------------------------------------
+# The lens
+
+
+def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool = True, sublayers: bool = False,
+               start: int = 0, end: int | None = None, norm: str = "ln_f", decoder_blocks: int = 0,
+               chunk: int = CHUNK, threads: int | None = None) -> Lens:
+    """Read every kept row of ``trace`` through the decoder and reduce it to the lens quantities.
+
+    Parameters
+    ----------
+    model : the ``gpt2np.Model`` that made the trace (its ln_f and unembedding are the decoder).
+    trace : ``model.forward(ids)``; with ``sublayers=True`` here, ``model.forward(ids, sublayers=True)``.
+    k : number of top tokens kept per cell.
+    step : keep every step-th block row, counting back from the last shown block (always kept).
+    include_input : include the embedding row ``input`` (not subject to the step).
+    sublayers : add the ``l.attn`` row (stream after block l's attention) for every kept block.
+    start, end : the position window ``[start, end)``; the model still read the whole prefix.
+    norm : ``"ln_f"`` (ln_f with gain and bias, default), ``"norm"`` (normalisation only, the post's
+        figures) or ``"raw"`` (no normalisation).
+    decoder_blocks : run the last k blocks inside the decoder for every shown row; their rows are dropped.
+    chunk : positions per matrix product. threads : reduction threads (NumPy; default: CPU count, max 2).
+
+    Returns
+    -------
+    Lens
+    """
+    cfg = model.config
+    L, T, V = cfg.n_layer, int(trace.resid.shape[1]), cfg.vocab_size
+    end = T if end is None else end
+    _check(trace, k=k, step=step, sublayers=sublayers, start=start, end=end, T=T, L=L, V=V, norm=norm,
+           decoder_blocks=decoder_blocks, include_input=include_input, chunk=chunk)
+    xp = namespace(trace.resid)
+    rows = select_rows(L, step=step, include_input=include_input, sublayers=sublayers, decoder_blocks=decoder_blocks)
+    W_un = model.params.unembed  # [V, D]
+    W_unT = xp.permute_dims(W_un, (1, 0))  # [D, V] a view, no copy
+    ids = to_numpy(trace.ids).astype(np.int64)
+    first = L - decoder_blocks
+
+    def read(source: str, index: int, a: int, b: int):
+        """Decoder input of one row at positions [a, b): ``[b - a, D]`` (the whole prefix runs first
+        through the decoder's blocks when ``decoder_blocks`` > 0)."""
+        x = getattr(trace, source)[index]  # [T, D]
+        if decoder_blocks:
+            x = run_blocks(model, x[:b], first)  # whole prefix, causally
+        return decoder_norm(model, x[a:b], norm)
+
+    # With decoder blocks, each row's prefix runs through them once: keep the [W, D] result.
+    cached = {r: read(r[1], r[2], start, end) for r in rows} if decoder_blocks else {}
+    input_hat = read("resid", 0, start, end)  # [W, D] the input row through the whole decoder
+
+    Wn, R = end - start, len(rows)
+    nxt = np.full(Wn, -1, np.int64)
+    nxt[:max(0, min(end, T - 1) - start)] = ids[start + 1:min(end, T - 1) + 1]
+    res = {name: np.empty((R, Wn), dt) for name, dt in (
+        ("final_rank", np.int64), ("input_rank", np.int64), ("next_rank", np.int64), ("kl_final", np.float64),
+        ("kl_input", np.float64), ("entropy", np.float64), ("next_prob", np.float64), ("next_xent", np.float64))}
+    top_ids = np.empty((R, Wn, k), np.int64)
+    top_logits = np.empty((R, Wn, k), np.float32)
+    top_probs = np.empty((R, Wn, k), np.float64)
+    final_ids = np.empty(Wn, np.int64)
+    n_threads = threads if threads is not None else min(2, os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(n_threads) if (n_threads > 1 and isinstance(trace.resid, np.ndarray)) else None
+    try:
+        for c0 in range(0, Wn, chunk):
+            c1 = min(c0 + chunk, Wn)
+            a, b = start + c0, start + c1
+            # the final stream is read by the decoder's normalisation alone: the model already ran its blocks
+            final_hat = decoder_norm(model, trace.resid[L][a:b], norm)  # [C, D]
+            final_ids[c0:c1], f_lse, f_u = anchor(final_hat, W_unT, W_un)
+            in_hat = input_hat[c0:c1]
+            _, i_lse, i_u = anchor(in_hat, W_unT, W_un)
+            anchors = (("kl_final", to_numpy(final_hat).astype(np.float64), f_lse, f_u),
+                       ("kl_input", to_numpy(in_hat).astype(np.float64), i_lse, i_u))
+            targets = np.stack([final_ids[c0:c1], ids[a:b], nxt[c0:c1]], axis=1)  # [C, 3]
+            targets = targets if isinstance(trace.resid, np.ndarray) else xp.asarray(targets)
+            for r, row in enumerate(rows):
+                xh = cached[row][c0:c1] if decoder_blocks else read(row[1], row[2], a, b)  # [C, D]
+                red = _reduce_chunk(xh @ W_unT, targets, k, pool)  # the one large product, [C, V]
+                lse = red["lse"]
+                xh64 = to_numpy(xh).astype(np.float64)
+                for key, a_hat, a_lse, a_u in anchors:
+                    kl = (lse - a_lse) - np.einsum("cd,cd->c", xh64 - a_hat, a_u)
+                    res[key][r, c0:c1] = np.maximum(kl, 0.0)  # KL >= 0; rounding can give -1e-7
+                top_ids[r, c0:c1] = red["top_ids"]
+                top_logits[r, c0:c1] = red["top_logits"]
+                top_probs[r, c0:c1] = np.exp(red["top_logits"].astype(np.float64) - lse[:, None])
+                res["entropy"][r, c0:c1] = red["entropy"]
+                res["final_rank"][r, c0:c1] = red["ranks"][:, 0]
+                res["input_rank"][r, c0:c1] = red["ranks"][:, 1]
+                has_next = nxt[c0:c1] >= 0
+                logp_next = red["target_logits"][:, 2].astype(np.float64) - lse
+                res["next_rank"][r, c0:c1] = np.where(has_next, red["ranks"][:, 2], -1)
+                res["next_prob"][r, c0:c1] = np.where(has_next, np.exp(logp_next), np.nan)
+                res["next_xent"][r, c0:c1] = np.where(has_next, -logp_next, np.nan)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+    match = top_ids[:, :, 0] == final_ids[None, :]  # [R, W]
+    # first row from which every later row matches: R minus the length of the matching tail
+    tail = np.cumprod(match[::-1], axis=0).sum(axis=0)
+    lock_in = np.where(tail > 0, R - tail, R - 1).astype(np.int64)
+    seen = np.unique(np.concatenate([ids, top_ids.reshape(-1)]))  # decode each distinct token once
+    table = np.asarray(model.tokens(seen), dtype=str)
+    strings, top_tokens = table[np.searchsorted(seen, ids)], table[np.searchsorted(seen, top_ids)]
+    settings = {"k": k, "step": step, "include_input": include_input, "sublayers": sublayers, "norm": norm,
+                "decoder_blocks": decoder_blocks, "model": model.name, "n_layer": L}
+    return Lens(rows=tuple(r[0] for r in rows), ids=ids, tokens=strings, start=start, end=end, top_ids=top_ids,
+                top_logits=top_logits, top_probs=top_probs, top_tokens=top_tokens, final_ids=final_ids,
+                lock_in=lock_in, settings=settings, **res)
+
+
+def _check(trace, *, k, step, sublayers, start, end, T, L, V, norm, decoder_blocks, include_input, chunk):
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}: choose one of {', '.join(NORMS)}")
+    if not isinstance(k, int) or not 1 <= k <= V:
+        raise ValueError(f"k={k!r} must be an integer between 1 and the vocabulary size {V}")
+    if not isinstance(step, int) or step < 1:
+        raise ValueError(f"step={step!r} must be a positive integer (1 keeps every block)")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk={chunk!r} must be a positive integer")
+    if not 0 <= decoder_blocks <= L:
+        raise ValueError(f"decoder_blocks={decoder_blocks} must be between 0 and n_layer={L}")
+    if decoder_blocks == L and not include_input:
+        raise ValueError(f"decoder_blocks={L} leaves only the input row, and include_input=False drops it")
+    if not (isinstance(start, (int, np.integer)) and isinstance(end, (int, np.integer)) and 0 <= start < end <= T):
+        raise ValueError(f"window start={start}, end={end} must satisfy 0 <= start < end <= {T} (the sequence length)")
+    if sublayers and trace.resid_mid is None:
+        raise ValueError("sublayers=True needs the streams after each attention sub-block: "
+                         "make the trace with model.forward(ids, sublayers=True)")
+
+
+def self_check(model, trace, *, chunk: int = CHUNK) -> dict:
+    """The lens's built-in checks, as the largest absolute logit difference relative to max |logit|.
+
+    ``last_row``: the ``ln_f`` decoder on the last row reproduces the model's logits.
+    ``decoder_blocks_1``: running the last block inside the decoder on the row before it does too.
+    """
+    xp = namespace(trace.resid)
+    L = model.config.n_layer
+    W_unT = xp.permute_dims(model.params.unembed, (1, 0))
+    logits = trace.logits
+    scale = float(to_numpy(xp.max(xp.abs(logits))))
+    before = run_blocks(model, trace.resid[L - 1], L - 1)
+    out = {"last_row": 0.0, "decoder_blocks_1": 0.0}
+    for c0 in range(0, logits.shape[0], chunk):
+        c1 = min(c0 + chunk, logits.shape[0])
+        for key, x in (("last_row", trace.resid[L][c0:c1]), ("decoder_blocks_1", before[c0:c1])):
+            z = decoder_norm(model, x, "ln_f") @ W_unT
+            out[key] = max(out[key], float(to_numpy(xp.max(xp.abs(z - logits[c0:c1])))) / scale)
+    return out
