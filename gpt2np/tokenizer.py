@@ -50,9 +50,8 @@ def load_tokenizer(folder: str | Path, name: str = "gpt2") -> tiktoken.Encoding:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{vocab_path} is not valid JSON ({e})") from None
     lines = merges_path.read_text(encoding="utf-8").splitlines()
-    if lines and lines[0].startswith("#version"):
-        lines = lines[1:]
-    merges = [ln for ln in lines if ln.strip()]
+    # (line number in the file, text): the #version header is optional, blank lines are ignored
+    merges = [(n, ln) for n, ln in enumerate(lines, 1) if ln.strip() and not (n == 1 and ln.startswith("#version"))]
 
     to_byte = {c: b for b, c in byte_to_unicode().items()}
 
@@ -68,15 +67,23 @@ def load_tokenizer(folder: str | Path, name: str = "gpt2") -> tiktoken.Encoding:
         if c not in vocab:
             raise ValueError(f"{vocab_path} lacks the byte token {c!r} (byte {b}): not a GPT-2 byte-level vocabulary")
         ranks[bytes([b])] = vocab[c]
-    for i, line in enumerate(merges):
+    # BPE applies merges in file order while tiktoken ranks by id: the two agree only when the ids of
+    # merged tokens increase down the file (in GPT-2, merge i has id 256 + i).
+    previous = -1
+    for n, line in merges:
         parts = line.split()
         if len(parts) != 2:
-            raise ValueError(f"{merges_path} line {i + 1}: expected two tokens separated by a space, got {line!r}")
+            raise ValueError(f"{merges_path} line {n}: expected two tokens separated by a space, got {line!r}")
         a, b = parts
         merged = a + b
         if merged not in vocab:
-            raise ValueError(f"{merges_path} line {i + 1}: merge {line!r} makes {merged!r}, which vocab.json lacks; "
+            raise ValueError(f"{merges_path} line {n}: merge {line!r} makes {merged!r}, which vocab.json lacks; "
                              "the two files do not belong together")
+        if vocab[merged] <= previous:
+            raise ValueError(f"{merges_path} line {n}: merge {line!r} makes {merged!r} with id {vocab[merged]}, "
+                             f"not after the previous merge's id {previous}; {vocab_path} and {merges_path} "
+                             "disagree on the merge order (GPT-2 numbers merged tokens in merge order)")
+        previous = vocab[merged]
         ranks[as_bytes(merged, str(merges_path))] = vocab[merged]
     specials = {t: i for t, i in vocab.items() if t == EOT}
     ordinary = {as_bytes(t, str(vocab_path)): i for t, i in vocab.items() if t not in specials}
