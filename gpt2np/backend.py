@@ -5,9 +5,21 @@ from __future__ import annotations
 import numpy as np
 
 
+# Functions of the array API standard that gpt2np uses and that CuPy gained only with version 14
+# (when its main namespace came to mirror NumPy 2's): an older CuPy fails on them mid-computation.
+CUPY_NEEDS = ("permute_dims", "concat", "astype")
+
+
 def namespace(x):
     """The array module of ``x`` (``numpy`` for NumPy arrays, ``cupy`` for CuPy arrays, ...)."""
-    return x.__array_namespace__()
+    try:
+        return x.__array_namespace__()
+    except AttributeError:
+        if type(x).__module__.split(".")[0] == "cupy":  # a CuPy without the array API protocol
+            import cupy
+            return cupy
+        raise TypeError(f"expected an array (NumPy, CuPy or another array API library), "
+                        f"got {type(x).__name__}") from None
 
 
 def is_numpy(x) -> bool:
@@ -45,6 +57,10 @@ def gpu():
         raise RuntimeError(f"CuPy is installed but no GPU is usable ({e}); use device='cpu'") from None
     if not usable:
         raise RuntimeError("CuPy is installed but no GPU is usable (no CUDA device found); use device='cpu'")
+    missing = [name for name in CUPY_NEEDS if not hasattr(cupy, name)]
+    if missing:
+        raise RuntimeError(f"CuPy {getattr(cupy, '__version__', '?')} lacks {', '.join(missing)} of the array API "
+                           'standard: gpt2np needs CuPy >= 14; pip install -U "gpt2np[gpu]"')
     return cupy
 
 

@@ -186,6 +186,8 @@ def test_namespace_follows_the_arrays():
     assert backend.namespace(np.zeros(2)) is np
     assert backend.namespace(xs.asarray([1.0])) is xs
     assert backend.is_numpy(np.zeros(2)) and not backend.is_numpy(xs.asarray([1.0]))
+    with pytest.raises(TypeError, match="expected an array.*got list"):
+        backend.namespace([1.0, 2.0])
 
 
 def test_to_cpu_round_trip(tiny, ids):

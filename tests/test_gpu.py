@@ -35,9 +35,13 @@ needs_gpu = pytest.mark.skipif(cp is None, reason="needs CuPy and a usable CUDA 
 IDS = np.array([0, 17, 399, 256, 5, 5, 42, 398, 1, 300, 12, 7], dtype=np.int64)  # [T = 12]
 
 
-def fake_cupy(*, available: bool = True, count: int = 1, driver_error: str | None = None) -> types.ModuleType:
+def fake_cupy(*, available: bool = True, count: int = 1, driver_error: str | None = None,
+              version: int = 14) -> types.ModuleType:
     """A stand-in for ``cupy``: ``import cupy`` succeeds; arrays are ``array_api_strict`` arrays."""
     cupy = types.ModuleType("cupy")
+    cupy.__version__ = f"{version}.0.0"
+    if version >= 14:  # the array API functions CuPy 14 added to its main namespace
+        cupy.permute_dims, cupy.concat, cupy.astype = xs.permute_dims, xs.concat, xs.astype
 
     def device_count():
         if driver_error:
@@ -81,6 +85,12 @@ def test_cupy_without_a_gpu_is_a_clear_error(monkeypatch, tiny_checkpoint, fake)
 def test_cuda_driver_failure_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy(driver_error="cudaErrorInsufficientDriver"))
     with pytest.raises(RuntimeError, match="no GPU is usable.*cudaErrorInsufficientDriver"):
+        backend.gpu()
+
+
+def test_old_cupy_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(version=13))
+    with pytest.raises(RuntimeError, match=r"CuPy 13.0.0 lacks permute_dims, concat, astype.*CuPy >= 14"):
         backend.gpu()
 
 
@@ -207,7 +217,13 @@ def test_lens_on_gpu_matches_cpu(pair):
         pytest.skip("gpt2np.lens has no logit_lens yet")
     cpu, gpu = pair
     ids = _ids(cpu)
-    assert_same_result(lens.logit_lens(gpu, ids), lens.logit_lens(cpu, ids), rtol=GPU_RTOL)
+    for kw in (dict(), dict(sublayers=True, norm="norm"), dict(decoder_blocks=1, start=3, end=40)):
+        got = lens.logit_lens(gpu, gpu.forward(ids, sublayers=True), **kw)
+        want = lens.logit_lens(cpu, cpu.forward(ids, sublayers=True), **kw)
+        # integer fields (top ids, ranks) exactly: a near-tie flipped by rounding would show here
+        assert_same_result(got, want, rtol=GPU_RTOL)
+    checks = lens.self_check(gpu, gpu.forward(ids))
+    assert max(checks.values()) < GPU_RTOL, checks
 
 
 def _leaves(params) -> list:
