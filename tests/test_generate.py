@@ -349,3 +349,15 @@ def test_generate_and_score_run_on_the_array_api_alone(untied):
     np.testing.assert_array_equal(greedy, m.generate(PROMPT, 10, temperature=0))
     np.testing.assert_array_equal(sampled, m.generate(PROMPT, 10, seed=2, top_k=30, top_p=0.9))
     np.testing.assert_allclose(logprobs, m.score(PROMPT), rtol=1e-6, atol=1e-6)
+
+
+def test_generate_benchmark_runs(untied):
+    """scripts/bench_generate.py's function on the tiny model: it runs and the two agree."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from bench_generate import bench_generate, table
+
+    r = bench_generate(untied.path, n_new=4, repeats=1)
+    assert r["same_tokens"] and r["new_tokens"] == 4
+    assert r["gpt2np"]["tokens_per_s"] > 0 and r["transformers"]["tokens_per_s"] > 0
+    assert "tokens/s" in table(r)
