@@ -123,14 +123,27 @@ def next_token_probs(logits, *, temperature: float = 1.0, top_k: int | None = No
     z = z / temperature
     probs = np.exp(z - z.max())  # [V]
     probs /= probs.sum()
-    order = np.argsort(-probs, kind="stable")  # [V] most probable first, ties by lower id
-    keep = len(order) if top_k is None else min(int(top_k), len(order))
+    if top_k is None and top_p is None:
+        return probs
+    order = _most_probable(probs, len(probs) if top_k is None else int(top_k))  # [k] most probable first
     if top_p is not None:
-        cum = np.cumsum(probs[order[:keep]]) / probs[order[:keep]].sum()  # renormalised after top-k
-        keep = min(int(np.searchsorted(cum, top_p, side="left")) + 1, keep)
+        cum = np.cumsum(probs[order]) / probs[order].sum()  # [k] renormalised after top-k
+        order = order[:int(np.searchsorted(cum, top_p, side="left")) + 1]  # first index reaching top_p
     out = np.zeros_like(probs)
-    out[order[:keep]] = probs[order[:keep]]
+    out[order] = probs[order]
     return out / out.sum()
+
+
+def _most_probable(probs: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k most probable tokens, most probable first, equal probabilities by lower id.
+    Only the k candidates are sorted (a full sort of 50257 costs about a quarter of a decoding step)."""
+    if k < len(probs):
+        kth = np.partition(probs, len(probs) - k)[len(probs) - k]  # the k-th largest probability
+        above = np.flatnonzero(probs > kth)
+        ids = np.concatenate((above, np.flatnonzero(probs == kth)[:k - len(above)]))  # [k] ascending ids
+    else:
+        ids = np.arange(len(probs))
+    return ids[np.argsort(-probs[ids], kind="stable")]
 
 
 def pick(logits, rng: np.random.Generator, *, temperature: float = 1.0, top_k: int | None = None,

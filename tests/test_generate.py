@@ -215,6 +215,15 @@ def test_greedy_ties_go_to_the_lower_id():
     assert G.pick(np.array([1.0, 3.0, 3.0]), np.random.default_rng(0), temperature=0) == 1
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_top_k_keeps_exactly_k_with_ties_broken_by_lower_id(seed):
+    """Many equal logits: the kept set is the first k of a stable sort by decreasing probability."""
+    logits = np.random.default_rng(seed).integers(0, 4, 30).astype(np.float64)
+    order = np.argsort(-logits, kind="stable")
+    for k in range(1, 31):
+        assert set(np.flatnonzero(G.next_token_probs(logits, top_k=k))) == set(order[:k].tolist()), k
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_top_p_keeps_the_smallest_set_reaching_p(seed):
     """Against the definition, by brute force over every subset of a 7-token vocabulary."""
