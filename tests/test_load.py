@@ -1,0 +1,485 @@
+"""Loading checkpoints: both layouts, dtypes, every bad input with its message, and downloads.
+
+No test touches the network: downloads go through a fake ``huggingface_hub.snapshot_download``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import os
+import pickle
+import re
+import shutil
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import gpt2np
+from gpt2np.weights import FILES, read_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def flat(params) -> dict[str, np.ndarray]:
+    """Params -> checkpoint names (official layout) -> arrays."""
+    out = {"wte.weight": params.wte, "wpe.weight": params.wpe, "ln_f.weight": params.ln_f_weight,
+           "ln_f.bias": params.ln_f_bias}
+    for i, b in enumerate(params.h):
+        for field, value in vars(b).items():
+            stem, kind = field.rsplit("_", 1)
+            if stem.startswith(("attn_", "mlp_")):
+                stem = stem.replace("_", ".", 1)
+            out[f"h.{i}.{stem}.{kind}"] = value
+    return out
+
+
+def rewrite_config(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def rewrite_tensors(folder: Path, edit) -> None:
+    tensors = load_file(str(folder / "model.safetensors"))
+    result = edit(tensors)  # edits in place, or returns a new dict
+    if isinstance(result, dict):
+        tensors = result
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------------
+# what loads, and what it loads
+
+
+def test_loads_exactly_the_stored_tensors(tiny_checkpoint, tiny_model, tiny_config):
+    assert tiny_model.config == tiny_config
+    assert len(tiny_model.params.h) == tiny_config.n_layer
+    stored = load_file(str(tiny_checkpoint / "model.safetensors"))  # safetensors' own reader
+    ours = flat(tiny_model.params)
+    assert set(ours) | {k for k in stored if re.search(r"\.attn\.(masked_)?bias$", k)} == set(stored)
+    for k, v in ours.items():
+        assert v.dtype == np.float32 and v.flags.c_contiguous, k
+        np.testing.assert_array_equal(v, stored[k], err_msg=k)
+    assert tiny_model.params.lm_head_weight is None
+
+
+def test_official_file_has_mask_buffers_and_they_are_skipped(tiny_checkpoint, tiny_model):
+    header_keys = load_file(str(tiny_checkpoint / "model.safetensors")).keys()
+    assert "h.0.attn.bias" in header_keys and "h.0.attn.masked_bias" in header_keys
+    assert not any(re.search(r"\.attn\.(masked_)?bias$", k) for k in flat(tiny_model.params))
+
+
+def test_hf_layout_loads_identically_to_official(make_checkpoint):
+    official = gpt2np.load(make_checkpoint(layout="official", seed=3))
+    hf_folder = make_checkpoint(layout="hf", seed=3)
+    names = load_file(str(hf_folder / "model.safetensors")).keys()
+    assert all(k.startswith("transformer.") for k in names)
+    assert not any(re.search(r"\.attn\.(masked_)?bias$", k) for k in names)
+    assert "n_ctx" not in json.loads((hf_folder / "config.json").read_text())
+    hf = gpt2np.load(hf_folder)
+    assert hf.config == official.config
+    a, b = flat(official.params), flat(hf.params)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert hf.params.lm_head_weight is None
+    ids = np.arange(20)
+    np.testing.assert_array_equal(hf.forward(ids).logits, official.forward(ids).logits)
+
+
+def test_lm_head_equal_to_wte_is_dropped(make_checkpoint, copy_checkpoint):
+    folder = copy_checkpoint(make_checkpoint(layout="hf", seed=4))
+
+    def add_tied_head(t):
+        t["lm_head.weight"] = t["transformer.wte.weight"].copy()
+    rewrite_tensors(folder, add_tied_head)
+    m = gpt2np.load(folder)
+    assert m.params.lm_head_weight is None
+    assert m.params.unembed is m.params.wte
+
+
+def test_untied_lm_head_is_kept_and_used(make_checkpoint):
+    folder = make_checkpoint(layout="hf", seed=5, untied_head=True)
+    head = load_file(str(folder / "model.safetensors"))["lm_head.weight"]
+    m = gpt2np.load(folder)
+    assert m.params.lm_head_weight is not None
+    np.testing.assert_array_equal(m.params.lm_head_weight, head)
+    assert not np.array_equal(head, m.params.wte)
+    tr = m.forward(np.arange(10))
+    x = tr.resid[-1].astype(np.float64)
+    x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + m.config.layer_norm_epsilon)
+    ref = (x * m.params.ln_f_weight + m.params.ln_f_bias) @ head.T.astype(np.float64)
+    assert np.abs(tr.logits - ref).max() < 1e-5 * np.abs(ref).max()
+
+
+def test_float16_tensors_are_converted(tiny_checkpoint, copy_checkpoint, tiny_model):
+    folder = copy_checkpoint(tiny_checkpoint)
+    rewrite_tensors(folder, lambda t: {k: v.astype(np.float16) for k, v in t.items()})
+    half = load_file(str(folder / "model.safetensors"))
+    assert half["wte.weight"].dtype == np.float16
+    m = gpt2np.load(folder)
+    for k, v in flat(m.params).items():
+        assert v.dtype == np.float32, k
+        np.testing.assert_array_equal(v, half[k].astype(np.float32), err_msg=k)
+    # float16 rounding only: close to the float32 model
+    np.testing.assert_allclose(m.params.wte, tiny_model.params.wte, rtol=1e-3, atol=1e-6)
+
+
+def write_safetensors_by_hand(path: Path, tensors: dict[str, tuple[str, tuple, bytes]]) -> None:
+    """A safetensors file written from the format's definition: u64 header length, JSON header, data."""
+    header, data, offset = {"__metadata__": {"format": "pt"}}, b"", 0
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
+        data += raw
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def test_bfloat16_tensors_are_converted(tiny_checkpoint, copy_checkpoint):
+    folder = copy_checkpoint(tiny_checkpoint)
+    stored = load_file(str(folder / "model.safetensors"))
+    # bfloat16 is the top 16 bits of a float32: keep those bits, so the expected values are exact
+    expected = {k: (v.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32) for k, v in stored.items()}
+    write_safetensors_by_hand(folder / "model.safetensors", {
+        k: ("BF16", v.shape, (v.view(np.uint32) >> 16).astype("<u2").tobytes()) for k, v in expected.items()})
+    m = gpt2np.load(folder)
+    for k, v in flat(m.params).items():
+        assert v.dtype == np.float32, k
+        np.testing.assert_array_equal(v, expected[k], err_msg=k)
+    assert np.abs(m.params.wte).max() > 0  # not all zeros
+
+
+def test_unsupported_dtype_is_an_error(tiny_checkpoint, copy_checkpoint):
+    folder = copy_checkpoint(tiny_checkpoint)
+    rewrite_tensors(folder, lambda t: t.update({"wpe.weight": t["wpe.weight"].astype(np.int32)}))
+    with pytest.raises(ValueError, match=r"tensor wpe.weight has dtype I32; gpt2np reads F32, F16, BF16, F64"):
+        gpt2np.load(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad folders and files
+
+
+@pytest.mark.parametrize("missing", FILES)
+def test_missing_file_in_folder(tiny_checkpoint, copy_checkpoint, missing):
+    folder = copy_checkpoint(tiny_checkpoint)
+    (folder / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint folder .* is missing {re.escape(missing)}\.$"):
+        gpt2np.load(folder)
+
+
+def write_malicious_pickle(path: Path, sentinel: Path) -> None:
+    class Boom:
+        def __reduce__(self):
+            return (os.mkdir, (str(sentinel),))  # runs if anything ever unpickles the file
+    path.write_bytes(pickle.dumps(Boom()))
+
+
+def test_folder_with_only_pytorch_model_bin(tmp_path):
+    folder = tmp_path / "bin-only"
+    folder.mkdir()
+    sentinel = tmp_path / "unpickled"
+    write_malicious_pickle(folder / "pytorch_model.bin", sentinel)
+    with pytest.raises(FileNotFoundError, match=r"is missing config.json, model.safetensors, vocab.json, merges.txt\. "
+                                                r"It has pytorch_model.bin, which gpt2np never reads: unpickling .*"
+                                                r"arbitrary code\. Convert it once with transformers .*save_pretrained"):
+        gpt2np.load(folder)
+    assert not sentinel.exists()
+
+
+def test_folder_with_pytorch_model_bin_instead_of_safetensors(tiny_checkpoint, copy_checkpoint, tmp_path):
+    folder = copy_checkpoint(tiny_checkpoint)
+    (folder / "model.safetensors").unlink()
+    sentinel = tmp_path / "unpickled"
+    write_malicious_pickle(folder / "pytorch_model.bin", sentinel)
+    with pytest.raises(FileNotFoundError, match=r"is missing model.safetensors\. It has pytorch_model.bin, which "
+                                                r"gpt2np never reads.*download the model.safetensors"):
+        gpt2np.load(folder)
+    assert not sentinel.exists()
+
+
+def test_a_file_instead_of_a_folder(tiny_checkpoint):
+    with pytest.raises(NotADirectoryError, match=r"model.safetensors is a file; pass the folder that holds config.json"):
+        gpt2np.load(tiny_checkpoint / "model.safetensors")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_truncated_safetensors(tiny_checkpoint, copy_checkpoint, keep):
+    folder = copy_checkpoint(tiny_checkpoint)
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(ValueError, match=rf"model.safetensors is truncated: {int(len(data) * keep)} bytes on disk, "
+                                         rf"its header promises {len(data)}; .*download it again"):
+        gpt2np.load(folder)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", r"is truncated \(0 bytes\): not a safetensors file"),
+    (b"\x10\x00\x00", r"is truncated \(3 bytes\)"),
+    (b"PK\x03\x04 this is a zip file, not safetensors" * 3, r"is not a safetensors file \(header length \d+ for a "),
+    (struct.pack("<Q", 12) + b"{not json!!}", r"has an unreadable safetensors header"),
+])
+def test_not_a_safetensors_file(tiny_checkpoint, copy_checkpoint, content, message):
+    folder = copy_checkpoint(tiny_checkpoint)
+    (folder / "model.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        gpt2np.load(folder)
+
+
+def test_tensor_of_wrong_shape(tiny_checkpoint, copy_checkpoint, tiny_config):
+    folder = copy_checkpoint(tiny_checkpoint)
+    rewrite_tensors(folder, lambda t: t.update({"h.1.mlp.c_fc.weight": np.ascontiguousarray(t["h.1.mlp.c_fc.weight"].T)}))
+    D, F = tiny_config.n_embd, tiny_config.d_mlp
+    with pytest.raises(ValueError, match=rf"tensor h.1.mlp.c_fc.weight has shape \[{F}, {D}\], config.json implies "
+                                         rf"\[{D}, {F}\]; the config and the weights do not belong together"):
+        gpt2np.load(folder)
+
+
+def test_config_that_does_not_fit_the_weights(tiny_checkpoint, copy_checkpoint, tiny_config):
+    folder = copy_checkpoint(tiny_checkpoint)
+    rewrite_config(folder, n_positions=32, n_ctx=32)
+    with pytest.raises(ValueError, match=rf"tensor wpe.weight has shape \[64, {tiny_config.n_embd}\], config.json "
+                                         rf"implies \[32, {tiny_config.n_embd}\]"):
+        gpt2np.load(folder)
+
+
+def test_missing_tensors(tiny_checkpoint, copy_checkpoint):
+    folder = copy_checkpoint(tiny_checkpoint)
+    rewrite_tensors(folder, lambda t: t.pop("h.1.attn.c_proj.bias"))
+    with pytest.raises(ValueError, match=r"lacks tensors h.1.attn.c_proj.bias that config.json \(n_layer=3\) requires"):
+        gpt2np.load(folder)
+    rewrite_config(folder, n_layer=5)  # two blocks more than stored: 25 tensors missing
+    with pytest.raises(ValueError, match=r"lacks tensors h.1.attn.c_proj.bias, h.3.ln_1.weight, h.3.ln_1.bias and "
+                                         r"22 more that config.json \(n_layer=5\) requires"):
+        gpt2np.load(folder)
+
+
+def test_extra_tensors(tiny_checkpoint, copy_checkpoint):
+    folder = copy_checkpoint(tiny_checkpoint)
+    rewrite_config(folder, n_layer=2)
+    with pytest.raises(ValueError, match=r"holds tensors a GPT-2 does not have: h.2.\S+, .*check config.json \(n_layer\)"):
+        gpt2np.load(folder)
+
+
+@pytest.mark.parametrize("change,error,message", [
+    ({"vocab_size": 401}, ValueError, r"the tokenizer has 400 tokens but config.json says vocab_size=401"),
+    ({"activation_function": "gelu"}, ValueError, r"activation_function='gelu'; gpt2np implements GPT-2's 'gelu_new'"),
+    ({"n_head": 5}, ValueError, r"n_embd=48 is not divisible by n_head=5"),
+    ({"n_embd": None}, ValueError, r"config.json lacks n_embd: is this a GPT-2 config.json\?"),
+])
+def test_bad_config(tiny_checkpoint, copy_checkpoint, change, error, message):
+    folder = copy_checkpoint(tiny_checkpoint)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(change)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(error, match=message):
+        gpt2np.load(folder)
+
+
+def test_config_that_is_not_json(tiny_checkpoint, copy_checkpoint):
+    folder = copy_checkpoint(tiny_checkpoint)
+    (folder / "config.json").write_text("n_layer: 3\n")
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+        gpt2np.load(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# names, offline, downloads (never the network)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Make any download attempt fail the test."""
+    import huggingface_hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"tried to download: {args} {kwargs}")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tiny_checkpoint):
+    """A fake ``snapshot_download`` over a repo that also holds other weight formats; it honours
+    ``allow_patterns`` as the real one does. ``fake_hub.mode``: "ok", "nothing", "partial", "raise"."""
+    import huggingface_hub
+
+    repo = {f: (tiny_checkpoint / f).read_bytes() for f in FILES}
+    repo |= {"pytorch_model.bin": b"pickle", "tf_model.h5": b"h5", "flax_model.msgpack": b"m", "64-8bits.tflite": b"t",
+             "onnx/decoder_model.onnx": b"o", "README.md": b"# gpt2", "generation_config.json": b"{}"}
+
+    class Hub:
+        mode = "ok"
+        calls: list = []
+
+        def snapshot_download(self, repo_id, *, local_dir, allow_patterns=None, revision=None, **kwargs):
+            self.calls.append({"repo_id": repo_id, "local_dir": Path(local_dir), "allow_patterns": allow_patterns,
+                               "revision": revision, **kwargs})
+            if self.mode == "raise":
+                raise OSError("simulated: the hub answered 503")
+            wanted = [f for f in repo if allow_patterns is None or any(fnmatch.fnmatch(f, p) for p in allow_patterns)]
+            if self.mode == "nothing":  # what the real one does when the hub is unreachable
+                wanted = []
+            if self.mode == "partial":
+                wanted = wanted[:2]
+            for f in wanted:
+                (Path(local_dir) / f).parent.mkdir(parents=True, exist_ok=True)
+                (Path(local_dir) / f).write_bytes(repo[f])
+            return str(local_dir)
+
+    hub = Hub()
+    hub.calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    monkeypatch.delenv("GPT2NP_REVISION", raising=False)
+    monkeypatch.delenv("GPT2NP_OFFLINE", raising=False)
+    return hub
+
+
+def test_unknown_model_name(tmp_path, no_network):
+    with pytest.raises(FileNotFoundError, match=r"'gpt-5' is neither a checkpoint folder nor a known model name "
+                                                r"\(gpt2, gpt2-medium, gpt2-large, gpt2-xl\)"):
+        gpt2np.load("gpt-5", weights_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"unknown model name 'gpt-5': choose one of gpt2, gpt2-medium"):
+        gpt2np.download("gpt-5", root=tmp_path)
+
+
+def test_offline_missing_checkpoint_fails_at_once(tmp_path, no_network):
+    t0 = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=rf"gpt2-xl is not in {re.escape(str(tmp_path / 'gpt2-xl'))} \(missing "
+                                                r"config.json, model.safetensors, vocab.json, merges.txt\) and "
+                                                r"downloads are off"):
+        gpt2np.load("openai-community/gpt2-xl", weights_dir=tmp_path, offline=True)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_offline_by_environment_and_weights_dir_by_environment(tmp_path, monkeypatch, no_network):
+    monkeypatch.setenv("GPT2NP_OFFLINE", "1")
+    monkeypatch.setenv("GPT2NP_WEIGHTS", str(tmp_path / "w"))
+    with pytest.raises(FileNotFoundError, match=rf"gpt2 is not in {re.escape(str(tmp_path / 'w' / 'gpt2'))} .*"
+                                                r"downloads are off"):
+        gpt2np.load("gpt2")
+
+
+def test_offline_partial_checkpoint_names_what_is_missing(tmp_path, tiny_checkpoint, no_network):
+    shutil.copytree(tiny_checkpoint, tmp_path / "gpt2-medium")
+    (tmp_path / "gpt2-medium" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"gpt2-medium is not in .* \(missing model.safetensors\)"):
+        gpt2np.load("gpt2-medium", weights_dir=tmp_path, offline=True)
+
+
+def test_named_checkpoint_on_disk_loads_offline(tmp_path, tiny_checkpoint, tiny_model, no_network):
+    shutil.copytree(tiny_checkpoint, tmp_path / "gpt2")
+    for name in ("gpt2", "openai-community/gpt2"):
+        m = gpt2np.load(name, weights_dir=tmp_path, offline=True)
+        assert m.name == "gpt2" and m.path == tmp_path / "gpt2"
+        np.testing.assert_array_equal(m.params.wte, tiny_model.params.wte)
+
+
+def test_download_fetches_only_the_four_files(tmp_path, fake_hub, tiny_model):
+    m = gpt2np.load("gpt2", weights_dir=tmp_path)
+    assert len(fake_hub.calls) == 1
+    call = fake_hub.calls[0]
+    assert call["repo_id"] == "openai-community/gpt2"
+    assert call["local_dir"] == tmp_path / "gpt2"
+    assert sorted(call["allow_patterns"]) == sorted(["config.json", "model.safetensors", "vocab.json", "merges.txt"])
+    assert sorted(p.name for p in (tmp_path / "gpt2").iterdir()) == sorted(FILES)
+    np.testing.assert_array_equal(m.params.wte, tiny_model.params.wte)
+    gpt2np.load("gpt2", weights_dir=tmp_path)  # complete now: no second download
+    assert len(fake_hub.calls) == 1
+
+
+def test_download_revision(tmp_path, fake_hub, monkeypatch):
+    gpt2np.download("openai-community/gpt2-large", root=tmp_path, revision="0123abc")
+    assert fake_hub.calls[-1]["revision"] == "0123abc"
+    assert fake_hub.calls[-1]["repo_id"] == "openai-community/gpt2-large"
+    monkeypatch.setenv("GPT2NP_REVISION", "feedbeef")
+    gpt2np.download("gpt2-large", root=tmp_path)
+    assert fake_hub.calls[-1]["revision"] == "feedbeef"
+
+
+def test_download_that_returns_without_the_files(tmp_path, fake_hub):
+    fake_hub.mode = "nothing"
+    with pytest.raises(ConnectionError, match=r"downloading gpt2 into .* did not complete \(missing config.json, "
+                                              r"model.safetensors, vocab.json, merges.txt\); check the network"):
+        gpt2np.load("gpt2", weights_dir=tmp_path)
+    fake_hub.mode = "partial"
+    with pytest.raises(ConnectionError, match=r"did not complete \(missing vocab.json, merges.txt\)"):
+        gpt2np.download("gpt2", root=tmp_path)
+
+
+def test_download_that_raises(tmp_path, fake_hub):
+    fake_hub.mode = "raise"
+    with pytest.raises(ConnectionError, match=r"downloading gpt2-medium into .* failed: simulated: the hub answered 503") as e:
+        gpt2np.load("gpt2-medium", weights_dir=tmp_path)
+    assert isinstance(e.value.__cause__, OSError)
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_download_script(tmp_path, fake_hub, capsys):
+    script = load_script("download")
+    assert script.main(["gpt2", "openai-community/gpt2", "--weights-dir", str(tmp_path), "--revision", "abc"]) == 0
+    assert [c["repo_id"] for c in fake_hub.calls] == ["openai-community/gpt2"]  # the same model once
+    assert fake_hub.calls[0]["revision"] == "abc" and not missing(tmp_path / "gpt2")
+    assert script.main(["gpt2", "--weights-dir", str(tmp_path)]) == 0
+    assert len(fake_hub.calls) == 1 and "already complete" in capsys.readouterr().out
+    assert script.main(["all", "--weights-dir", str(tmp_path)]) == 0
+    assert [c["repo_id"] for c in fake_hub.calls[1:]] == [f"openai-community/{n}" for n in gpt2np.SIZES if n != "gpt2"]
+    fake_hub.mode = "nothing"
+    assert script.main(["gpt2", "--force", "--weights-dir", str(tmp_path / "other")]) == 1
+    assert "did not complete" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        script.main(["gpt-5", "--weights-dir", str(tmp_path)])
+    assert e.value.code == 2 and "unknown model name 'gpt-5'" in capsys.readouterr().err
+
+
+def missing(folder: Path) -> list[str]:
+    return [f for f in FILES if not (folder / f).is_file()]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad token ids
+
+
+@pytest.mark.parametrize("ids,error,message", [
+    ([1.0, 2.0], TypeError, r"token ids must be integers, got dtype float64; use model.encode\(text\)"),
+    (np.array([True, False]), TypeError, r"token ids must be integers, got dtype bool"),
+    (["a", "b"], TypeError, r"token ids must be integers"),
+    ("hello", TypeError, r"token ids must be integers"),
+    ([[1, 2], [3, 4]], ValueError, r"token ids must be one sequence of shape \[T\], got shape \[2, 2\]"),
+    (7, ValueError, r"token ids must be one sequence of shape \[T\], got shape \[\]"),
+    pytest.param([], ValueError, r"token ids are empty", marks=pytest.mark.xfail(
+        strict=True, reason="model.check_ids: np.asarray([]) is float64, so [] is reported as non-integer")),
+    (np.array([], np.int64), ValueError, r"token ids are empty: give at least one token"),
+    (np.zeros(65, np.int64), ValueError, r"65 tokens exceed the context of 64 positions"),
+    ([1, 2, 400], ValueError, r"token id 400 at position 2 is outside the vocabulary \[0, 400\)"),
+    ([5, -1], ValueError, r"token id -1 at position 1 is outside the vocabulary"),
+])
+def test_bad_ids(tiny_model, ids, error, message):
+    with pytest.raises(error, match=message):
+        tiny_model.forward(ids)
+
+
+def test_ids_at_the_limits_are_accepted(tiny_model):
+    c = tiny_model.config
+    tr = tiny_model.forward(np.full(c.n_positions, c.vocab_size - 1))
+    assert tr.logits.shape == (c.n_positions, c.vocab_size)
+    assert tiny_model.forward([0]).logits.shape == (1, c.vocab_size)
+
+
+def test_read_params_reads_into_float32_without_the_tokenizer(tiny_checkpoint, tiny_config, tiny_model):
+    p = read_params(tiny_checkpoint / "model.safetensors", tiny_config)
+    np.testing.assert_array_equal(p.h[-1].mlp_c_proj_weight, tiny_model.params.h[-1].mlp_c_proj_weight)
