@@ -25,7 +25,11 @@ class Model:
 
     @property
     def device(self) -> str:
-        return "cpu" if backend.is_numpy(self.params.wte) else "gpu"
+        """'cpu' for NumPy, 'gpu' for CuPy, else the array module's name (e.g. array_api_strict)."""
+        if backend.is_numpy(self.params.wte):
+            return "cpu"
+        name = type(self.params.wte).__module__.split(".")[0]
+        return "gpu" if name == "cupy" else name
 
     def to(self, device: str) -> "Model":
         """Move the weights once to ``'cpu'`` or ``'gpu'`` (CuPy); every computation follows them."""

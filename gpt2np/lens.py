@@ -205,6 +205,22 @@ def run_blocks(model, x, first: int):
 #   target_logits [n, J] float32, ranks [n, J] int64  (J targets per position; -1 = no target).
 
 
+def top_k(z, k: int):
+    """Ids of the k largest entries of each row of ``z [n, V]``, best first, ties to the lower id.
+
+    k rounds of argmax (which returns the first maximum) with the winner masked: standard-only,
+    and cheaper than sorting the vocabulary on a GPU for the small k a lens uses.
+    """
+    xp = namespace(z)
+    cols = xp.arange(z.shape[1])[None, :]  # [1, V]
+    out = []
+    for _ in range(k):
+        best = xp.argmax(z, axis=1)  # [n]
+        out.append(best)
+        z = xp.where(cols == best[:, None], -xp.inf, z)
+    return xp.stack(out, axis=1)  # [n, k]
+
+
 def reduce_plain(z, targets, k: int) -> dict:
     """Array-API reduction (NumPy, CuPy, array_api_strict): the readable reference path."""
     xp = namespace(z)
@@ -213,7 +229,7 @@ def reduce_plain(z, targets, k: int) -> dict:
     e = xp.exp(zs)  # [n, V]
     s = xp.sum(e, axis=1)  # [n]
     ez = xp.sum(e * zs, axis=1)  # [n]  E[z - m] * s, terms all <= 0
-    order = xp.argsort(z, axis=1, descending=True, stable=True)[:, :k]  # [n, k] ties -> lower id
+    order = top_k(z, k)  # [n, k]
     t = xp.take_along_axis(z, xp.clip(targets, 0, None), axis=1)  # [n, J]
     ranks = 1 + xp.sum(xp.astype(z[:, None, :] > t[:, :, None], xp.int64), axis=2)  # [n, J]
     out = {"top_ids": order, "top_logits": xp.take_along_axis(z, order, axis=1), "target_logits": t,
@@ -367,10 +383,10 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
     def read(source: str, index: int, a: int, b: int):
         """Decoder input of one row at positions [a, b): ``[b - a, D]`` (the whole prefix runs first
         through the decoder's blocks when ``decoder_blocks`` > 0)."""
-        x = getattr(trace, source)[index]  # [T, D]
+        x = getattr(trace, source)[index, ...]  # [T, D]
         if decoder_blocks:
-            x = run_blocks(model, x[:b], first)  # whole prefix, causally
-        return decoder_norm(model, x[a:b], norm)
+            x = run_blocks(model, x[:b, :], first)  # whole prefix, causally
+        return decoder_norm(model, x[a:b, :], norm)
 
     # With decoder blocks, each row's prefix runs through them once: keep the [W, D] result.
     cached = {r: read(r[1], r[2], start, end) for r in rows} if decoder_blocks else {}
@@ -393,16 +409,16 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
             c1 = min(c0 + chunk, Wn)
             a, b = start + c0, start + c1
             # the final stream is read by the decoder's normalisation alone: the model already ran its blocks
-            final_hat = decoder_norm(model, trace.resid[L][a:b], norm)  # [C, D]
+            final_hat = decoder_norm(model, trace.resid[L, a:b, :], norm)  # [C, D]
             final_ids[c0:c1], f_lse, f_u = anchor(final_hat, W_unT, W_un)
-            in_hat = input_hat[c0:c1]
+            in_hat = input_hat[c0:c1, :]
             _, i_lse, i_u = anchor(in_hat, W_unT, W_un)
             anchors = (("kl_final", to_numpy(final_hat).astype(np.float64), f_lse, f_u),
                        ("kl_input", to_numpy(in_hat).astype(np.float64), i_lse, i_u))
             targets = np.stack([final_ids[c0:c1], ids[a:b], nxt[c0:c1]], axis=1)  # [C, 3]
             targets = targets if isinstance(trace.resid, np.ndarray) else xp.asarray(targets)
             for r, row in enumerate(rows):
-                xh = cached[row][c0:c1] if decoder_blocks else read(row[1], row[2], a, b)  # [C, D]
+                xh = cached[row][c0:c1, :] if decoder_blocks else read(row[1], row[2], a, b)  # [C, D]
                 red = _reduce_chunk(xh @ W_unT, targets, k, pool)  # the one large product, [C, V]
                 lse = red["lse"]
                 xh64 = to_numpy(xh).astype(np.float64)
@@ -469,11 +485,11 @@ def self_check(model, trace, *, chunk: int = CHUNK) -> dict:
     W_unT = xp.permute_dims(model.params.unembed, (1, 0))
     logits = trace.logits
     scale = float(to_numpy(xp.max(xp.abs(logits))))
-    before = run_blocks(model, trace.resid[L - 1], L - 1)
+    before = run_blocks(model, trace.resid[L - 1, ...], L - 1)
     out = {"last_row": 0.0, "decoder_blocks_1": 0.0}
     for c0 in range(0, logits.shape[0], chunk):
         c1 = min(c0 + chunk, logits.shape[0])
-        for key, x in (("last_row", trace.resid[L][c0:c1]), ("decoder_blocks_1", before[c0:c1])):
+        for key, x in (("last_row", trace.resid[L, c0:c1, :]), ("decoder_blocks_1", before[c0:c1, :])):
             z = decoder_norm(model, x, "ln_f") @ W_unT
-            out[key] = max(out[key], float(to_numpy(xp.max(xp.abs(z - logits[c0:c1])))) / scale)
+            out[key] = max(out[key], float(to_numpy(xp.max(xp.abs(z - logits[c0:c1, :])))) / scale)
     return out

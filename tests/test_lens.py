@@ -1,0 +1,394 @@
+"""The logit lens against references that build the full distributions.
+
+The reference here is deliberately naive: float64 logits for every row and position, a log-softmax,
+and each quantity written straight from its definition in lens-spec.md. The lens under test never
+builds that array; both must agree to float32 precision, ranks and top-k exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import gpt2np
+from gpt2np import model as M
+from gpt2np.config import Config
+from gpt2np.lens import Lens, logit_lens, self_check
+
+from _strict import host_conversion_blocked, strict_model
+
+QUANTITIES = ("kl_final", "kl_input", "entropy", "next_prob", "next_xent")
+EXACT = ("top_ids", "final_ids", "final_rank", "input_rank", "next_rank", "lock_in")
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference: full float64 distributions, definitions written out
+
+
+def ln64(x, w=None, b=None, eps=1e-5):
+    x = np.asarray(x, np.float64)
+    y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
+    return y if w is None else y * w + b
+
+
+def expected_rows(L, step=1, include_input=True, sublayers=False, decoder_blocks=0):
+    """Written from the spec: shown blocks 0..n-1, keep l when (n-1-l) % step == 0."""
+    n = L - decoder_blocks
+    rows = [("input", "resid", 0)] if include_input else []
+    for l in range(n):
+        if (n - 1 - l) % step == 0:
+            rows += ([(f"{l}.attn", "resid_mid", l)] if sublayers else []) + [(str(l), "resid", l + 1)]
+    return rows
+
+
+def run_last_blocks(model, x, first):
+    p, eps, H = model.params, model.config.layer_norm_epsilon, model.config.n_head
+    for b in p.h[first:]:
+        x = x + M.attention(M.layer_norm(x, b.ln_1_weight, b.ln_1_bias, eps), b, H)[0]
+        x = x + M.mlp(M.layer_norm(x, b.ln_2_weight, b.ln_2_bias, eps), b)
+    return x
+
+
+def reference_lens(model, trace, *, k=5, step=1, include_input=True, sublayers=False, start=0, end=None,
+                   norm="ln_f", decoder_blocks=0):
+    p, L = model.params, model.config.n_layer
+    T = trace.resid.shape[1]
+    end = T if end is None else end
+    Wt = np.asarray(p.unembed, np.float64).T  # [D, V]
+    ids = np.asarray(trace.ids)
+
+    def logits(x):  # [T, D] -> [T, V] float64
+        if norm == "ln_f":
+            x = ln64(x, p.ln_f_weight.astype(np.float64), p.ln_f_bias.astype(np.float64))
+        elif norm == "norm":
+            x = ln64(x)
+        return np.asarray(x, np.float64) @ Wt
+
+    def logp(z):
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    def stream(src, i):
+        x = getattr(trace, src)[i]
+        return run_last_blocks(model, x, L - decoder_blocks) if decoder_blocks else x
+
+    z_final = logits(trace.resid[L])
+    lp_final, lp_input = logp(z_final), logp(logits(stream("resid", 0)))
+    final_top = z_final.argmax(1)
+    nxt = np.r_[ids[1:], -1]
+    rows = expected_rows(L, step, include_input, sublayers, decoder_blocks)
+    out = {q: [] for q in QUANTITIES + ("top_ids", "final_rank", "input_rank", "next_rank", "top_probs")}
+    pos = np.arange(T)
+
+    def rank(z, tok):  # 1 + number of strictly larger logits
+        return 1 + (z > z[pos, tok][:, None]).sum(1)
+
+    for _, src, i in rows:
+        z = logits(stream(src, i))
+        lp = logp(z)
+        out["kl_final"].append((np.exp(lp_final) * (lp_final - lp)).sum(1))
+        out["kl_input"].append((np.exp(lp_input) * (lp_input - lp)).sum(1))
+        out["entropy"].append(-(np.exp(lp) * lp).sum(1))
+        out["final_rank"].append(rank(z, final_top))
+        out["input_rank"].append(rank(z, ids))
+        has = nxt >= 0
+        tok = np.where(has, nxt, 0)
+        out["next_rank"].append(np.where(has, rank(z, tok), -1))
+        out["next_prob"].append(np.where(has, np.exp(lp[pos, tok]), np.nan))
+        out["next_xent"].append(np.where(has, -lp[pos, tok], np.nan))
+        top = np.argsort(-z, axis=1, kind="stable")[:, :k]  # ties: lower id first
+        out["top_ids"].append(top)
+        out["top_probs"].append(np.exp(np.take_along_axis(lp, top, 1)))
+    ref = {q: np.array(v)[:, start:end] for q, v in out.items()}
+    ref["final_ids"] = final_top[start:end]
+    match = ref["top_ids"][:, :, 0] == ref["final_ids"]
+    R = len(rows)
+    ref["lock_in"] = np.array([next((r for r in range(R) if match[r:, w].all()), R - 1) for w in range(match.shape[1])])
+    ref["rows"] = tuple(r[0] for r in rows)
+    return ref
+
+
+def assert_matches(lens: Lens, ref: dict, atol=2e-5):
+    assert lens.rows == ref["rows"]
+    for q in EXACT:
+        np.testing.assert_array_equal(getattr(lens, q), ref[q], err_msg=q)
+    for q in QUANTITIES + ("top_probs",):
+        got, want = getattr(lens, q), ref[q]
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=q)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol, equal_nan=True, err_msg=q)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+SHAPES = {
+    "tiny": Config(n_layer=3, n_head=3, n_embd=48, n_positions=64, vocab_size=400),
+    # vocabulary > 16 x 1024: the NumPy path's column top-k uses its full 1024-wide grouping
+    "wide-vocab": Config(n_layer=2, n_head=2, n_embd=32, n_positions=48, vocab_size=20000),
+    "deep-odd": Config(n_layer=5, n_head=5, n_embd=40, n_positions=32, vocab_size=300),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def case(request, make_checkpoint):
+    cfg = SHAPES[request.param]
+    m = gpt2np.load(make_checkpoint(cfg, scale=8.0, seed=3))  # GPT-2-like magnitudes: peaked distributions
+    ids = np.random.default_rng(7).integers(0, cfg.vocab_size, cfg.n_positions)  # full context
+    return m, m.forward(ids, sublayers=True)
+
+
+OPTIONS = [
+    {},
+    {"sublayers": True},
+    {"sublayers": True, "step": 2, "include_input": False},
+    {"step": 3},
+    {"norm": "norm"},
+    {"norm": "raw"},
+    {"decoder_blocks": 1},
+    {"decoder_blocks": 2, "sublayers": True, "norm": "norm"},
+    {"start": 5, "end": 19, "k": 3},
+    {"start": 0, "end": 1},  # first position only
+]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_lens_matches_full_float64_reference(case, opts):
+    m, tr = case
+    assert_matches(logit_lens(m, tr, **opts), reference_lens(m, tr, **opts))
+
+
+def test_small_chunks_and_one_thread_give_the_same_lens(case):
+    m, tr = case
+    a = logit_lens(m, tr, sublayers=True)
+    for kw in ({"chunk": 7}, {"threads": 1}, {"chunk": 1, "threads": 1}):
+        b = logit_lens(m, tr, sublayers=True, **kw)
+        for q in EXACT:
+            np.testing.assert_array_equal(getattr(a, q), getattr(b, q), err_msg=f"{q} {kw}")
+        for q in QUANTITIES:
+            np.testing.assert_allclose(getattr(a, q), getattr(b, q), atol=1e-5, equal_nan=True, err_msg=f"{q} {kw}")
+
+
+def test_lens_from_transformers_hidden_states(make_checkpoint, reference_model, reference_run):
+    """Rows built from transformers' own hidden states (float64 decoding) agree with gpt2np's lens.
+
+    transformers returns ln_f(last stream) as its last hidden state, so the last row there is
+    compared through the model's logits, which are exactly that row read by the ln_f decoder.
+    """
+    cfg = SHAPES["tiny"]
+    path = make_checkpoint(cfg, scale=8.0, seed=5)
+    m = gpt2np.load(path)
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, 40)
+    logits_ref, hidden = reference_run(reference_model(path), ids)
+    p = m.params
+    Wt = p.wte.astype(np.float64).T
+    zs = [ln64(h, p.ln_f_weight, p.ln_f_bias) @ Wt for h in hidden[:-1]] + [logits_ref]  # [L+1] x [T, V]
+
+    def logp(z):
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    lf = logp(zs[-1])
+    pos = np.arange(len(ids))
+    top = zs[-1].argmax(1)
+    lens = logit_lens(m, m.forward(ids))
+    for r, z in enumerate(zs):
+        lp = logp(z)
+        np.testing.assert_allclose(lens.kl_final[r], (np.exp(lf) * (lf - lp)).sum(1), atol=5e-5)
+        np.testing.assert_allclose(lens.entropy[r], -(np.exp(lp) * lp).sum(1), atol=5e-5)
+        np.testing.assert_array_equal(lens.final_rank[r], 1 + (z > z[pos, top][:, None]).sum(1))
+        np.testing.assert_array_equal(lens.top1[r], z.argmax(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mathematics and conventions
+
+
+def test_kl_of_final_is_zero_and_kl_is_never_negative(case):
+    m, tr = case
+    for norm in ("ln_f", "norm", "raw"):
+        lens = logit_lens(m, tr, norm=norm, sublayers=True)
+        assert lens.rows[-1] == str(m.config.n_layer - 1)
+        assert np.all(lens.kl_final[-1] == 0.0), norm  # KL(final || final) = 0 exactly, in every mode
+        assert np.all(lens.final_rank[-1] == 1)
+        assert np.all(lens.kl_final >= 0) and np.all(lens.kl_input >= 0)
+        assert np.all(lens.kl_input[0] == 0.0)  # the input row against itself
+        assert np.all(lens.lock_in <= len(lens.rows) - 1)
+
+
+def test_probabilities_and_entropy_bounds(case):
+    m, tr = case
+    lens = logit_lens(m, tr, k=4)
+    V = m.config.vocab_size
+    assert np.all(np.diff(lens.top_logits, axis=-1) <= 0)  # sorted, best first
+    assert np.all(lens.top_probs.sum(-1) <= 1 + 1e-9)
+    assert np.all((lens.entropy >= 0) & (lens.entropy <= np.log(V) + 1e-9))
+    finite = ~np.isnan(lens.next_xent)
+    np.testing.assert_allclose(np.exp(-lens.next_xent[finite]), lens.next_prob[finite], rtol=1e-12)
+
+
+def test_last_position_has_no_next_token(case):
+    m, tr = case
+    T = tr.resid.shape[1]
+    lens = logit_lens(m, tr, start=T - 2, end=T)
+    assert np.all(lens.next_rank[:, -1] == -1)
+    assert np.all(np.isnan(lens.next_prob[:, -1])) and np.all(np.isnan(lens.next_xent[:, -1]))
+    assert np.all(lens.next_rank[:, 0] >= 1) and np.all(np.isfinite(lens.next_prob[:, 0]))
+    assert lens.next_ids.tolist() == [int(tr.ids[-1]), -1]
+
+
+def test_trace_of_length_one(tiny_model):
+    tr = tiny_model.forward([17], sublayers=True)
+    lens = logit_lens(tiny_model, tr, sublayers=True)
+    assert lens.top_ids.shape == (len(lens.rows), 1, 5)
+    assert_matches(lens, reference_lens(tiny_model, tr, sublayers=True))
+
+
+def test_ranks_with_ties(make_checkpoint):
+    """Tokens with identical unembedding rows have identical logits: a rank counts only strictly
+    larger logits (ties in the token's favour) and top-k breaks ties by the lower id."""
+    cfg = SHAPES["tiny"]
+    m = gpt2np.load(make_checkpoint(cfg, scale=8.0, seed=3))
+    wte = m.params.wte.copy()
+    wte[[11, 12, 13, 200, 300]] = wte[300] * 4  # five equal rows, large: they top many distributions
+    m = dataclasses.replace(m, params=dataclasses.replace(m.params, wte=wte))
+    ids = np.array([12, 300, 5, 11, 13, 200, 7, 300, 12, 9], np.int64)
+    tr = m.forward(ids)
+    z = np.asarray(tr.logits)
+    assert (z[:, [11, 12, 13, 200, 300]] == z[:, [300]]).all(), "the fixture must produce exact ties"
+    lens = logit_lens(m, tr, k=6)
+    ref = reference_lens(m, tr, k=6)
+    assert_matches(lens, ref)
+    equal_next = lens.top_logits[:, :, 1:] == lens.top_logits[:, :, :-1]  # [R, W, k-1] tied neighbours
+    assert equal_next.sum() >= 4, "the fixture must put ties inside the top-k"
+    assert (lens.top_ids[:, :, 1:] > lens.top_ids[:, :, :-1])[equal_next].all()  # lower id first
+    # rank of token 11, 12, 13, 200 or 300 is the same whichever of them is the input token
+    for col in range(len(ids)):
+        if ids[col] in (11, 12, 13, 200, 300):
+            assert lens.input_rank[-1, col] == 1 + (z[col] > z[col, 300]).sum()
+
+
+def test_select_rows_labels():
+    rows = lambda **kw: gpt2np.lens.select_rows(6, **kw)  # noqa: E731
+    assert [r[0] for r in rows()] == ["input", "0", "1", "2", "3", "4", "5"]
+    assert [r[0] for r in rows(step=2)] == ["input", "1", "3", "5"]
+    assert [r[0] for r in rows(step=4, include_input=False)] == ["1", "5"]
+    assert [r[0] for r in rows(step=2, sublayers=True, include_input=False)] == \
+        ["1.attn", "1", "3.attn", "3", "5.attn", "5"]
+    assert [r[0] for r in rows(decoder_blocks=2, step=3)] == ["input", "0", "3"]
+    assert rows(sublayers=True)[1] == ("0.attn", "resid_mid", 0)
+
+
+def test_self_check(case):
+    m, tr = case
+    checks = self_check(m, tr)
+    assert set(checks) == {"last_row", "decoder_blocks_1"}
+    assert all(v < 1e-6 for v in checks.values()), checks
+    # a decoder that is wrong must be caught: drop ln_f's gain
+    bad = dataclasses.replace(m, params=dataclasses.replace(m.params, ln_f_weight=m.params.ln_f_weight * 2))
+    assert self_check(bad, tr)["last_row"] > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Results: files, JSON, errors
+
+
+def test_save_and_load_roundtrip(case, tmp_path):
+    m, tr = case
+    lens = logit_lens(m, tr, sublayers=True, step=2, start=3, end=20)
+    for name in ("lens.npz", "lens.json"):
+        back = Lens.load(lens.save(tmp_path / name))
+        assert back.rows == lens.rows and back.settings == lens.settings
+        assert (back.start, back.end) == (3, 20)
+        for f in dataclasses.fields(Lens):
+            a, b = getattr(lens, f.name), getattr(back, f.name)
+            if isinstance(a, np.ndarray):
+                assert a.dtype.kind == b.dtype.kind, f.name
+                np.testing.assert_array_equal(a, b, err_msg=f"{name}: {f.name}")
+    d = json.loads((tmp_path / "lens.json").read_text())
+    assert d["next_prob"][0][-1] is not None and d["settings"]["norm"] == "ln_f"
+    with pytest.raises(ValueError, match="use .npz or .json"):
+        lens.save(tmp_path / "lens.csv")
+
+
+def test_tokens_are_display_strings(tiny_model):
+    ids = tiny_model.encode("when people say plasma")
+    lens = logit_lens(tiny_model, tiny_model.forward(ids))
+    assert lens.tokens.tolist() == tiny_model.tokens(ids)
+    assert lens.top_tokens[0, 0, 0] == tiny_model.tokens([lens.top_ids[0, 0, 0]])[0]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"norm": "layer"}, "unknown norm 'layer'"),
+    ({"k": 0}, "k=0 must be an integer between 1"),
+    ({"step": 0}, "step=0 must be a positive integer"),
+    ({"start": 5, "end": 5}, "window start=5, end=5"),
+    ({"end": 999}, "window start=0, end=999"),
+    ({"decoder_blocks": 9}, "decoder_blocks=9 must be between 0 and n_layer=3"),
+    ({"decoder_blocks": 3, "include_input": False}, "leaves only the input row"),
+])
+def test_bad_arguments(tiny_model, kw, msg):
+    tr = tiny_model.forward([1, 2, 3, 4, 5, 6])
+    with pytest.raises(ValueError, match=msg):
+        logit_lens(tiny_model, tr, **kw)
+
+
+def test_sublayers_need_a_sublayer_trace(tiny_model):
+    with pytest.raises(ValueError, match="forward\\(ids, sublayers=True\\)"):
+        logit_lens(tiny_model, tiny_model.forward([1, 2, 3]), sublayers=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends and memory
+
+
+def test_array_api_path_matches_numpy_path(case):
+    """The lens runs unchanged on array_api_strict (the CPU proof for CuPy) and agrees with NumPy."""
+    m, tr = case
+    sm = strict_model(m)
+    with host_conversion_blocked():
+        st = sm.forward(tr.ids, sublayers=True)
+        lens_s = logit_lens(sm, st, sublayers=True, step=2, decoder_blocks=1)
+    lens_n = logit_lens(m, tr, sublayers=True, step=2, decoder_blocks=1)
+    for q in EXACT:
+        np.testing.assert_array_equal(getattr(lens_s, q), getattr(lens_n, q), err_msg=q)
+    for q in QUANTITIES:
+        np.testing.assert_allclose(getattr(lens_s, q), getattr(lens_n, q), atol=2e-5, equal_nan=True, err_msg=q)
+
+
+def test_lens_memory_is_bounded(make_checkpoint):
+    """Peak allocation stays near a few [chunk, V] buffers, far below the [rows, T, V] array."""
+    cfg = Config(n_layer=6, n_head=2, n_embd=32, n_positions=256, vocab_size=20000)
+    m = gpt2np.load(make_checkpoint(cfg, seed=1))
+    tr = m.forward(np.arange(256) % cfg.vocab_size, sublayers=True)
+    chunk = 32
+    tracemalloc.start()
+    try:
+        lens = logit_lens(m, tr, sublayers=True, chunk=chunk)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    R, T, V = len(lens.rows), 256, cfg.vocab_size
+    full = R * T * V * 4  # what a naive lens would hold: 265 MB here
+    per_chunk = chunk * V * 4  # one [chunk, V] float32 buffer: 2.6 MB
+    assert peak < 8 * per_chunk + 200 * R * T * 8, (peak, per_chunk)  # + the O(R x T x k) results
+    assert peak < full / 10
+
+
+def test_no_float64_block_arrays(case, monkeypatch):
+    """Reductions over the vocabulary run in float32: no [n, V] float64 array is ever made."""
+    m, tr = case
+    V = m.config.vocab_size
+    seen = []
+    real_exp = np.exp
+
+    def spy(x, *a, **kw):
+        if getattr(x, "ndim", 0) == 2 and x.shape[1] == V:
+            seen.append(x.dtype)
+        return real_exp(x, *a, **kw)
+
+    monkeypatch.setattr(np, "exp", spy)
+    logit_lens(m, tr)
+    assert seen and all(d == np.float32 for d in seen), set(seen)
