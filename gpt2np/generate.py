@@ -26,7 +26,12 @@ from .weights import Params
 @dataclass(frozen=True)
 class Cache:
     """Keys and values of every block for the positions seen so far. Never changed in place:
-    ``step`` returns a new cache, so an old one can be stepped again (e.g. to branch)."""
+    ``step`` returns a new cache, so an old one can be stepped again (e.g. to branch).
+
+    Each step concatenates one key and value row per block (inside ``model.attention``). Measured at
+    gpt2's shape on a CPU, that copy is about 5 ms of a 40 ms step with 900 cached positions and
+    negligible below a hundred, so preallocated buffers written in place are not worth their mutation.
+    """
 
     kv: tuple  # L pairs (k, v), each [H, S, d]
 
