@@ -323,7 +323,7 @@ def _reduce_chunk(z, targets, k: int, pool) -> dict:
     return {key: np.concatenate([r[1][key] for r in results]) for key in results[0][1]}
 
 
-def anchor(hat, W_unT, W_un):
+def anchor(hat, W_unT, W_un, pool=None):
     """Final or input distribution of a chunk from its decoder input ``hat [C, D]``.
 
     Returns ``(top1 [C], lse [C] float64, u [C, D] float64)`` with ``u = p @ W`` for the KL identity.
@@ -331,14 +331,24 @@ def anchor(hat, W_unT, W_un):
     xp = namespace(hat)
     z = hat @ W_unT  # [C, V]
     top1 = xp.argmax(z, axis=1)  # first maximum: ties -> lower id
-    m = xp.max(z, axis=1, keepdims=True)  # [C, 1]
-    z -= m
-    p = xp.exp(z)  # [C, V]
-    del z
-    s = xp.sum(p, axis=1, keepdims=True)  # [C, 1]
-    p /= s
-    lse = to_numpy(m).astype(np.float64)[:, 0] + np.log(to_numpy(s).astype(np.float64)[:, 0])
-    return to_numpy(top1).astype(np.int64), lse, to_numpy(p @ W_un).astype(np.float64)
+
+    def softmax_(z):  # in place: z becomes p; returns log-sum-exp [n]
+        m = xp.max(z, axis=1, keepdims=True)  # [n, 1]
+        z -= m
+        if isinstance(z, np.ndarray):
+            np.exp(z, out=z)
+        else:
+            z = xp.exp(z)
+        s = xp.sum(z, axis=1, keepdims=True)  # [n, 1]
+        z /= s
+        return z, to_numpy(m).astype(np.float64)[:, 0] + np.log(to_numpy(s).astype(np.float64)[:, 0])
+
+    if pool is not None and isinstance(z, np.ndarray):  # NumPy: the passes over [C, V] on both threads
+        half = (z.shape[0] + 1) // 2
+        lse = np.concatenate([r[1] for r in pool.map(softmax_, (z[:half], z[half:]))])
+    else:
+        z, lse = softmax_(z)
+    return to_numpy(top1).astype(np.int64), lse, to_numpy(z @ W_un).astype(np.float64)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -410,9 +420,9 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
             a, b = start + c0, start + c1
             # the final stream is read by the decoder's normalisation alone: the model already ran its blocks
             final_hat = decoder_norm(model, trace.resid[L, a:b, :], norm)  # [C, D]
-            final_ids[c0:c1], f_lse, f_u = anchor(final_hat, W_unT, W_un)
+            final_ids[c0:c1], f_lse, f_u = anchor(final_hat, W_unT, W_un, pool)
             in_hat = input_hat[c0:c1, :]
-            _, i_lse, i_u = anchor(in_hat, W_unT, W_un)
+            _, i_lse, i_u = anchor(in_hat, W_unT, W_un, pool)
             anchors = (("kl_final", to_numpy(final_hat).astype(np.float64), f_lse, f_u),
                        ("kl_input", to_numpy(in_hat).astype(np.float64), i_lse, i_u))
             targets = np.stack([final_ids[c0:c1], ids[a:b], nxt[c0:c1]], axis=1)  # [C, 3]
