@@ -11,11 +11,12 @@ returned), so it is compared with ``ln_f(resid[L])``, not with ``resid[L]``.
 
 Tolerances are relative: max |gpt2np - transformers| / max |transformers|, both in float32, for the
 logits and for each hidden state: < 1e-5 (REL_TOL) in every case with residuals up to about 30
-(measured: at most about 1e-6). At GPT-2's own magnitudes (residuals near 300) float32 itself is the
-limit: there transformers in float32 is itself about 2e-5 from transformers in float64, so that case
-allows 5e-5 (measured about 1e-5). In every case gpt2np must also be at least as close to the float64
-reference as transformers' float32 run is (within a factor 2 plus 1e-6): float32 precision, not just
-agreement. The argmax of the logits must agree wherever the top two reference logits are not tied.
+(measured: at most 9e-7). At GPT-2's own magnitudes (residuals near 300, logits near 100) float32
+itself is the limit: transformers in float32 is about 1e-5 from transformers in float64, and so is
+gpt2np (measured 9e-6 and 1.05e-5; the two differ by 9.5e-6), so that case allows 5e-5. In every case
+gpt2np must also be at least as close to the float64 reference as transformers' float32 run is
+(within a factor 2 plus 1e-6): float32 precision, not just agreement. The argmax of the logits must
+agree wherever the top two reference logits are not tied within the tolerance.
 """
 from __future__ import annotations
 
@@ -99,6 +100,8 @@ def test_matches_transformers(case, make_checkpoint, reference_model, reference_
     ours64 = compare(tr, ours.params, logits64, hidden64, eps, relative_error)
     ref_own = {"logits": relative_error(ref_logits, logits64)}
     ref_own |= {f"hidden[{i}]": relative_error(ref_hidden[i], hidden64[i]) for i in range(L + 1)}
+    print(f"  logits vs transformers in float64: gpt2np {ours64['logits']:.2e}, "
+          f"transformers in float32 {ref_own['logits']:.2e}")
     worse = {k: f"{ours64[k]:.2e} vs {v:.2e}" for k, v in ref_own.items() if not ours64[k] <= 2 * v + 1e-6}
     assert not worse, f"gpt2np is less precise than transformers in float32 (error vs float64): {worse}"
 
