@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+import dataclasses
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -503,3 +504,73 @@ def self_check(model, trace, *, chunk: int = CHUNK) -> dict:
             z = decoder_norm(model, x, "ln_f") @ W_unT
             out[key] = max(out[key], float(to_numpy(xp.max(xp.abs(z - logits[c0:c1, :])))) / scale)
     return out
+
+
+# -------------------------------------------------------------------------------------------------
+# The lens while the model writes
+
+
+def generate_trace(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None, seed: int | None = None, stop_at_eot: bool = False):
+    """Generate with the KV cache and record every residual row along the way.
+
+    The prompt runs once (prefill); each new token then runs one cached step, whose rows (the
+    embedding, the stream after each attention sub-block and after each block) are written into the
+    trace of the whole sequence. Nothing is recomputed: the result equals
+    ``model.forward(all_ids, sublayers=True)`` up to float32 rounding, at the cost of one more step
+    (for the rows of the last generated token).
+
+    Returns
+    -------
+    new_ids : ndarray, shape (N,), the generated tokens
+    trace : Trace of prompt + new tokens with ``resid``, ``resid_mid`` and ``logits``
+    """
+    from . import generate as G
+
+    ids = M.check_ids(ids, model.config)
+    G.stream(model.params, model.config, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    params, config = model.params, model.config
+    xp = namespace(params.wte)
+    rng = np.random.default_rng(seed)
+    stop = config.vocab_size - 1 if stop_at_eot else None
+    logits, cache, resid, mid = G.prefill(params, config, xp.asarray(ids), keep_resid=True)
+    rows, mids, new = [resid], [mid], []
+    for i in range(int(max_new_tokens)):
+        token = G.pick(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
+        new.append(token)
+        logits, cache, resid, mid = G.step(params, config, cache, token, keep_resid=True)  # rows of `token`
+        rows.append(resid)
+        mids.append(mid)
+        if token == stop:
+            break
+    resid = xp.concat(rows, axis=1)  # [L+1, T, D]
+    all_ids = np.concatenate([ids, np.asarray(new, np.int64)])
+    trace = M.Trace(xp.asarray(all_ids), resid, M.unembed(params, config, resid[config.n_layer, ...]),
+                    resid_mid=xp.concat(mids, axis=1))
+    return np.asarray(new, np.int64), trace
+
+
+def generation_lens(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None, seed: int | None = None, stop_at_eot: bool = False, **lens_options):
+    """Generate, then read the lens at every position that chose a new token.
+
+    The window is ``[len(ids) - 1, len(ids) + N - 1)``: the last prompt position (which chose the first
+    new token) through the position that chose the last one, so each cell's "next token" is the
+    token actually generated there. ``lens_options`` are those of ``logit_lens`` except the window.
+
+    Returns
+    -------
+    new_ids : ndarray, shape (N,)
+    lens : Lens over the generated window (``settings["generated"]`` is N)
+    """
+    if "start" in lens_options or "end" in lens_options:
+        raise ValueError("generation_lens chooses the window itself (the positions that generated tokens)")
+    new, trace = generate_trace(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                seed=seed, stop_at_eot=stop_at_eot)
+    T0 = len(ids)
+    if len(new) == 0:
+        raise ValueError("max_new_tokens=0: there is no generated token to read the lens at")
+    lens = logit_lens(model, trace, start=T0 - 1, end=T0 - 1 + len(new), **lens_options)
+    settings = {**lens.settings, "generated": int(len(new)), "temperature": temperature, "top_k": top_k,
+                "top_p": top_p, "seed": seed}
+    return new, dataclasses.replace(lens, settings=settings)

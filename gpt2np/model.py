@@ -173,6 +173,8 @@ def check_ids(ids, config: Config) -> np.ndarray:
     if hasattr(ids, "__array_namespace__") and not isinstance(ids, np.ndarray):
         ids = to_numpy(ids)
     arr = np.asarray(ids)
+    if arr.size == 0:
+        raise ValueError("token ids are empty: give at least one token")
     if arr.dtype == object or arr.dtype.kind not in "iu":
         raise TypeError(f"token ids must be integers, got dtype {arr.dtype}; "
                         "use model.encode(text) to turn text into ids")

@@ -392,3 +392,47 @@ def test_no_float64_block_arrays(case, monkeypatch):
     monkeypatch.setattr(np, "exp", spy)
     logit_lens(m, tr)
     assert seen and all(d == np.float32 for d in seen), set(seen)
+
+
+# ---------------------------------------------------------------------------------------------
+# The lens during generation
+
+
+def test_generation_trace_equals_full_forward(tiny_model):
+    from gpt2np.lens import generate_trace
+
+    ids = tiny_model.encode("when people say plasma")
+    new, tr = generate_trace(tiny_model, ids, 12, temperature=0.9, seed=4)
+    assert np.array_equal(new, tiny_model.generate(ids, 12, temperature=0.9, seed=4))  # same tokens, same seed
+    full = tiny_model.forward(np.concatenate([ids, new]), sublayers=True)
+    for f in ("resid", "resid_mid", "logits"):
+        a, b = getattr(tr, f), getattr(full, f)
+        assert a.shape == b.shape
+        assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b)), f
+
+
+def test_generation_lens_equals_lens_of_full_sequence(tiny_model):
+    from gpt2np.lens import generation_lens
+
+    ids = tiny_model.encode("Sometimes, when people say")
+    new, lens = generation_lens(tiny_model, ids, 10, temperature=1.0, seed=0, sublayers=True, step=2)
+    full_ids = np.concatenate([ids, new])
+    ref = logit_lens(tiny_model, tiny_model.forward(full_ids, sublayers=True), sublayers=True, step=2,
+                     start=len(ids) - 1, end=len(full_ids) - 1)
+    assert (lens.start, lens.end) == (len(ids) - 1, len(full_ids) - 1)
+    np.testing.assert_array_equal(lens.next_ids, new)  # each cell's next token is the one generated there
+    assert lens.settings["generated"] == 10
+    for q in EXACT:
+        np.testing.assert_array_equal(getattr(lens, q), getattr(ref, q), err_msg=q)
+    for q in QUANTITIES:
+        np.testing.assert_allclose(getattr(lens, q), getattr(ref, q), atol=1e-5, equal_nan=True, err_msg=q)
+
+
+def test_generation_lens_stops_at_eot_and_respects_the_context(tiny_model):
+    from gpt2np.lens import generation_lens
+
+    ids = np.arange(60, dtype=np.int64)
+    with pytest.raises(ValueError, match="at most 4 new tokens"):
+        generation_lens(tiny_model, ids, 5)
+    new, lens = generation_lens(tiny_model, ids, 4, temperature=0)  # exactly fills the 64 positions
+    assert len(lens.ids) == 64 and lens.end == 63
