@@ -8,6 +8,7 @@ import numpy as np
 import tiktoken
 
 from . import backend, model, tokenizer
+from .fast import forward_fast
 from . import generate as generation
 from .config import Config
 from .weights import Params, read_params, resolve
@@ -56,6 +57,8 @@ class Model:
         >>> tr.resid.shape, tr.logits.shape   # (13, 3, 768), (3, 50257)
         """
         ids = model.check_ids(ids, self.config)
+        if backend.is_numpy(self.params.wte):  # the same maths, laid out for speed on CPUs: fast.py
+            return forward_fast(self.params, self.config, ids, sublayers=sublayers, patterns=patterns)
         xp = backend.namespace(self.params.wte)
         return model.forward(self.params, self.config, xp.asarray(ids), sublayers=sublayers, patterns=patterns)
 

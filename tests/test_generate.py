@@ -19,6 +19,7 @@ from make_checkpoint import write_checkpoint  # noqa: E402
 
 import gpt2np  # noqa: E402
 from gpt2np import generate as G  # noqa: E402
+from gpt2np.model import forward as plain_forward  # noqa: E402  (Model.forward runs fast.py)
 from gpt2np.config import Config  # noqa: E402
 
 TINY = Config(n_layer=3, n_head=3, n_embd=48, n_positions=64, vocab_size=400)
@@ -68,7 +69,7 @@ def reference(model: gpt2np.Model):
 def test_prefill_equals_forward(any_model):
     m = any_model
     logits, cache, resid, mid = G.prefill(m.params, m.config, PROMPT, keep_resid=True)
-    tr = m.forward(PROMPT, sublayers=True)
+    tr = plain_forward(m.params, m.config, np.asarray(PROMPT), sublayers=True)  # the plain operations
     L, H, d = m.config.n_layer, m.config.n_head, m.config.d_head
     assert logits.shape == (m.config.vocab_size,)
     assert resid.shape == (L + 1, len(PROMPT), m.config.n_embd) and mid.shape == (L, len(PROMPT), m.config.n_embd)
@@ -155,7 +156,7 @@ def test_score_matches_transformers_log_softmax(any_model):
 
 def test_score_is_a_log_softmax_of_the_forward_logits(tied):
     m = tied
-    z = m.forward(PROMPT).logits.astype(np.float64)  # [T, V]
+    z = plain_forward(m.params, m.config, np.asarray(PROMPT)).logits.astype(np.float64)  # [T, V]
     want = z[np.arange(len(PROMPT) - 1), PROMPT[1:]] - np.log(np.exp(z[:-1]).sum(-1))
     np.testing.assert_allclose(m.score(PROMPT), want, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(m.score(PROMPT), G.score(m.params, m.config, PROMPT))
