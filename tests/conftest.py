@@ -7,9 +7,9 @@ or asks for a private one (``make_checkpoint(..., cache=False)``).
 
 The reference is transformers' ``GPT2LMHeadModel`` (eager attention, float32, eval mode). Where
 torch or transformers is missing its tests skip, except when ``GPT2NP_REQUIRE_REFERENCE=1`` (as in
-``.ci/run``): then the fixture errors, and any skip that names torch, transformers or the reference
-(for example from ``pytest.importorskip("torch")`` in another test file) is turned into a failure,
-so a cross-check can never pass CI by being skipped.
+``.ci/run``): then the fixture errors, and any skip whose reason names torch, transformers, the
+reference or array_api_strict (all in the ``test`` extra; for example ``pytest.importorskip("torch")``
+in another test file) is turned into a failure, so a cross-check can never pass CI by being skipped.
 """
 from __future__ import annotations
 
