@@ -1,0 +1,575 @@
+"""The ``gpt2np`` command line: the logit lens as figures or tables, generation, scoring, checkpoints.
+
+    gpt2np lens "We train GPT-3, an autoregressive language model" --view kl --out kl.png
+    gpt2np plot lens.npz --view ranks --out ranks.svg
+    gpt2np generate "The logit lens" --max-new-tokens 30 --seed 0
+    gpt2np score "The logit lens reads the residual stream." --json
+    gpt2np download gpt2 gpt2-xl
+    gpt2np info gpt2-xl
+
+Only this module prints. A user error (unknown model, unreadable file, empty or too long text, bad
+window, unknown view, unsupported file type, no usable GPU, ...) ends with exit status 2 and one line
+``gpt2np: error: ...`` on standard error; ``--debug`` shows the traceback instead. An unexpected
+failure (a bug) exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import math
+import os
+import shutil
+import sys
+import unicodedata
+from pathlib import Path
+
+PROG = "gpt2np"
+VIEW_NAMES = ("logits", "probs", "ranks", "kl", "kl-input", "input-rank", "entropy", "next-rank")
+FIGURE_TYPES = (".png", ".svg", ".pdf")
+LENS_TYPES = (".npz", ".json")
+MAX_PIXELS = 60000  # Agg refuses images above 2**16 pixels a side: very wide windows get a lower dpi
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: reported in one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but errors become ``UserError`` (one line, no usage dump) instead of exiting."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+# -------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def _read_text(args, what: str = "text") -> str:
+    """TEXT, ``-`` (standard input) or ``--file PATH``; a file's or stdin's final newline is dropped."""
+    if args.file is not None and args.text is not None:
+        raise UserError(f"give the {what} or --file PATH, not both")
+    if args.file is not None or args.text == "-":
+        source = args.file if args.file is not None else "-"
+        if source == "-":
+            text = sys.stdin.read()
+        else:
+            try:
+                text = Path(source).read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"cannot read {source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except OSError as e:
+                raise UserError(f"cannot read {source}: {e.strerror or e}") from None
+        text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    elif args.text is None:
+        raise UserError(f"no {what}: give it as an argument, with --file PATH, or as - to read standard input")
+    else:
+        text = args.text
+    if not text:
+        raise UserError(f"the {what} is empty")
+    return text
+
+
+def _load(args):
+    from .api import load
+
+    return load(args.model, weights_dir=args.weights_dir, offline=args.offline or None, device=args.device)
+
+
+def _encode(model, text: str, what: str = "text"):
+    ids = model.encode(text)
+    n = model.config.n_positions
+    if len(ids) == 0:
+        raise UserError(f"the {what} encodes to no tokens")
+    if len(ids) > n:
+        raise UserError(f"the {what} is {len(ids)} tokens long, more than the {n}-position context of "
+                        f"{model.name}; shorten it (gpt2np never truncates)")
+    return ids
+
+
+def _check_suffix(path: str | None, allowed: tuple, option: str) -> None:
+    if path is not None and Path(path).suffix.lower() not in allowed:
+        raise UserError(f"{option} {path}: unsupported file type {Path(path).suffix or '(none)'}; "
+                        f"use {', '.join(allowed)}")
+
+
+def _width(s: str) -> int:
+    """Terminal columns of ``s`` (East Asian wide characters take two)."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 0 if unicodedata.combining(c) else 1 for c in s)
+
+
+def _pad(s: str, n: int, right: bool = False) -> str:
+    fill = " " * max(0, n - _width(s))
+    return fill + s if right else s + fill
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 0")
+    return v
+
+
+# -------------------------------------------------------------------------------------------------
+# Tables (lens without --out, plot without --out)
+
+
+CELL = 12  # widest table cell, ellipsis included
+
+
+def _format_value(view: str, x: float) -> str:
+    if not math.isfinite(x) or (view.endswith("rank") and x < 1):
+        return "-"
+    if view.endswith("rank") or view == "ranks":
+        return f"{int(x)}"
+    return f"{x:.2f}" if view == "probs" else f"{x:.1f}" if view in ("logits", "kl", "kl-input") else f"{x:.2f}"
+
+
+def lens_table(lens, view: str | None = None, columns: int | None = None) -> str:
+    """The figure as text: rows top to bottom as drawn (last block first, ``input`` last), one column
+    per position; cells hold the top-1 token, or the ``view``'s value. Wide windows wrap into blocks
+    that fit ``columns`` characters (default: the terminal width)."""
+    from .plot import VIEWS, describe, next_labels, visible
+
+    R, W = len(lens.rows), lens.end - lens.start
+    if view is None:
+        cells = [[visible(lens.top_tokens[r, w, 0], CELL) for w in range(W)] for r in range(R)]
+        heading = "top-1 token of each row"
+    else:
+        values = VIEWS[view].values(lens)
+        cells = [[_format_value(view, float(values[r, w])) for w in range(W)] for r in range(R)]
+        heading = VIEWS[view].title
+    top = next_labels(lens, CELL)
+    bottom = [visible(t, CELL) for t in lens.tokens[lens.start:lens.end]]
+    pos = [str(p) for p in lens.positions]
+    labels = ["next", *reversed(lens.rows), "token", "pos"]
+    lw = max(_width(s) for s in labels)
+    widths = [max(_width(s) for s in (top[w], bottom[w], pos[w], *(cells[r][w] for r in range(R)))) for w in range(W)]
+    columns = columns or shutil.get_terminal_size((100, 24)).columns
+    lines = [f"{heading} · {describe(lens)}"]
+    w0 = 0
+    while w0 < W:  # as many positions per block as fit the width (at least one)
+        w1, used = w0, lw
+        while w1 < W and (w1 == w0 or used + 2 + widths[w1] <= columns):
+            used += 2 + widths[w1]
+            w1 += 1
+        block = range(w0, w1)
+
+        def line(label, texts, right=False):
+            return (_pad(label, lw, True) + "".join("  " + _pad(texts[i], widths[w], right)
+                                                   for i, w in enumerate(block))).rstrip()
+
+        lines.append("")
+        lines.append(line("next", [top[w] for w in block]))
+        lines.extend(line(lens.rows[r], [cells[r][w] for w in block], view is not None)
+                     for r in reversed(range(R)))
+        lines.append(line("token", [bottom[w] for w in block]))
+        lines.append(line("pos", [pos[w] for w in block], True))
+        w0 = w1
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _save_figures(lens, views: list[str], out: str, *, vmin, vmax, dpi: int, title) -> list[str]:
+    """One figure (one view, or a grid of several) or, with ``{view}`` in ``out``, one file per view."""
+    from .plot import plot_lens, plot_views
+
+    if "{view}" in out:
+        jobs = [(out.replace("{view}", v), [v]) for v in views]
+    else:
+        jobs = [(out, views)]
+    written = []
+    for path, vs in jobs:
+        if len(vs) == 1:
+            fig = plot_lens(lens, vs[0], vmin=vmin, vmax=vmax, title=title)
+        else:
+            fig = plot_views(lens, vs, vmin=vmin, vmax=vmax, title=title)
+        size = max(fig.get_size_inches())
+        try:
+            fig.savefig(path, dpi=min(dpi, MAX_PIXELS / size))
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        written.append(path)
+    return written
+
+
+def _figure_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--view", action="append", choices=VIEW_NAMES, metavar="VIEW",
+                   help=f"what the colours show: {', '.join(VIEW_NAMES)} (default logits); repeat for several: "
+                        "one grid figure, or one file each when --out contains {view}")
+    p.add_argument("--out", metavar="FILE", help="write the figure to FILE (.png, .svg or .pdf); "
+                   "'{view}' in the name writes one file per view. Without --out a table is printed")
+    p.add_argument("--vmin", type=float, help="lower colour limit (default: the view's)")
+    p.add_argument("--vmax", type=float, help="upper colour limit (default: the view's cap, e.g. KL 30, rank 100)")
+    p.add_argument("--title", help="figure title (default: the view, model and decoder settings)")
+    p.add_argument("--dpi", type=_positive, default=150, help="resolution of PNG figures (default 150)")
+
+
+def _show(lens, args) -> int:
+    """Write figures (--out) or print the table(s)."""
+    views = args.view or ["logits"]
+    if args.out:
+        for path in _save_figures(lens, views, args.out, vmin=args.vmin, vmax=args.vmax, dpi=args.dpi,
+                                  title=args.title):
+            print(f"wrote {path}")
+        return 0
+    print(lens_table(lens))
+    for v in args.view or []:  # the numbers behind each asked-for view
+        print()
+        print(lens_table(lens, v))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_lens(args) -> int:
+    from .lens import logit_lens
+
+    _check_suffix(args.out, FIGURE_TYPES, "--out")
+    _check_suffix(args.save, LENS_TYPES, "--save")
+    text = _read_text(args)
+    model = _load(args)
+    ids = _encode(model, text)
+    T, L = len(ids), model.config.n_layer
+    start = 0 if args.start is None else args.start + T if args.start < 0 else args.start
+    end = T if args.end is None else args.end + T if args.end < 0 else args.end
+    if not 0 <= start < end <= T:
+        asked = " ".join(f"--{k} {v}" for k, v in (("start", args.start), ("end", args.end)) if v is not None)
+        raise UserError(f"bad window {asked}: the text has {T} tokens, so "
+                        f"0 <= start < end <= {T} is needed (negative values count from the end)")
+    if args.decoder_blocks > L or (args.decoder_blocks == L and args.no_input):
+        raise UserError(f"--decoder-blocks {args.decoder_blocks} leaves no row to show: {model.name} has {L} blocks"
+                        + (" and --no-input drops the input row" if args.no_input else ""))
+    if args.top_k > model.config.vocab_size:
+        raise UserError(f"--top-k {args.top_k} exceeds the vocabulary size {model.config.vocab_size}")
+    trace = model.forward(ids, sublayers=args.sublayers)
+    lens = logit_lens(model, trace, k=args.top_k, step=args.step, include_input=not args.no_input,
+                      sublayers=args.sublayers, start=start, end=end, norm=args.norm,
+                      decoder_blocks=args.decoder_blocks)
+    if args.save:
+        try:
+            lens.save(args.save)
+        except OSError as e:
+            raise UserError(f"cannot write {args.save}: {e.strerror or e}") from None
+        print(f"wrote {args.save}")
+    return _show(lens, args)
+
+
+def cmd_plot(args) -> int:
+    from .lens import Lens
+
+    _check_suffix(args.out, FIGURE_TYPES, "--out")
+    _check_suffix(args.lens_file, LENS_TYPES, "LENS_FILE")
+    path = Path(args.lens_file)
+    if not path.is_file():
+        raise UserError(f"cannot read {path}: no such file")
+    try:
+        lens = Lens.load(path)
+    except Exception as e:  # zip, JSON and field errors of a damaged or foreign file
+        raise UserError(f"cannot read {path} as a saved lens ({type(e).__name__}: {e}); "
+                        "make one with `gpt2np lens ... --save FILE`") from None
+    return _show(lens, args)
+
+
+def _token_stream(model, ids, args):
+    """The new tokens, one int at a time, as the model chooses them. (A lens recorded during
+    generation, ``--lens-out``, will plug in here: the same tokens from a recording stream.)"""
+    return model.stream(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, stop_at_eot=args.stop_at_eot)
+
+
+def _write_stream(model, tokens, out) -> list[int]:
+    """Print each token as soon as it comes (flushed), holding back only the bytes of a UTF-8
+    character split across tokens; return the tokens."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    done = []
+    for t in tokens:
+        done.append(int(t))
+        out.write(decoder.decode(model.tokenizer.decode_single_token_bytes(int(t))))
+        out.flush()
+    out.write(decoder.decode(b"", final=True))
+    return done
+
+
+def cmd_generate(args) -> int:
+    prompt = _read_text(args, "prompt")
+    model = _load(args)
+    ids = _encode(model, prompt, "prompt")
+    tokens = _token_stream(model, ids, args)  # checks the arguments before printing anything
+    out = sys.stdout
+    if not args.no_prompt:
+        out.write(prompt)
+        out.flush()
+    _write_stream(model, tokens, out)
+    out.write("\n")
+    out.flush()
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .generate import perplexity
+    from .plot import visible
+
+    text = _read_text(args)
+    model = _load(args)
+    ids = _encode(model, text)
+    if len(ids) < 2:
+        raise UserError("scoring needs at least two tokens: the first one has no prediction to score")
+    logp = model.score(ids)  # [T-1]
+    xent, ppl = perplexity(logp)
+    tokens = model.tokens(ids)
+    if args.json:
+        rows = [{"position": i, "id": int(t), "token": s, "logprob": None if i == 0 else float(logp[i - 1])}
+                for i, (t, s) in enumerate(zip(ids, tokens))]
+        print(json.dumps({"model": model.name, "n_tokens": len(ids), "n_scored": len(logp), "tokens": rows,
+                          "mean_cross_entropy": xent, "perplexity": ppl}, ensure_ascii=False))
+        return 0
+    shown = [visible(s, 24) for s in tokens]
+    tw = max(5, *(_width(s) for s in shown))
+    print(f"{'pos':>5}  {_pad('token', tw)}  {'logprob':>9}  {'prob':>8}")
+    for i, s in enumerate(shown):
+        lp = "-" if i == 0 else f"{logp[i - 1]:.3f}"
+        p = "-" if i == 0 else f"{math.exp(logp[i - 1]):.4g}"
+        print(f"{i:>5}  {_pad(s, tw)}  {lp:>9}  {p:>8}")
+    print(f"mean cross-entropy {xent:.4f} nats/token over {len(logp)} predicted tokens, perplexity {ppl:.2f}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .config import SIZES
+    from .weights import canonical_name, download, missing_files, weights_dir
+
+    names = list(SIZES) if args.names == ["all"] else args.names
+    unknown = [n for n in names if canonical_name(n) is None]
+    if unknown:
+        raise UserError(f"unknown model name {', '.join(map(repr, unknown))}: choose from {', '.join(SIZES)} or 'all'")
+    for name in dict.fromkeys(canonical_name(n) for n in names):
+        folder = weights_dir(args.weights_dir) / name
+        if not args.force and not missing_files(folder):
+            print(f"{name}: already complete in {folder}")
+            continue
+        print(f"{name}: downloading into {folder}", flush=True)
+        download(name, root=args.weights_dir, revision=args.revision)
+        print(f"{name}: done ({folder})")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n:,} B ({n / scale:.1f} {unit})"
+    return f"{n:,} B"
+
+
+def cmd_info(args) -> int:
+    from .config import SIZES, Config
+    from .weights import FILES, HUB_PREFIX, canonical_name, missing_files, read_header, resolve, weights_dir
+
+    name = canonical_name(args.model)
+    if name is not None and not Path(args.model).is_dir():
+        folder = weights_dir(args.weights_dir) / name
+        missing = missing_files(folder)
+        source = f"{name} (Hugging Face {HUB_PREFIX}{name})"
+    else:
+        folder = resolve(args.model, download_missing=False)
+        missing, source = [], args.model
+    config = Config.from_json(folder / "config.json") if not missing else SIZES[name]
+    where = f" --weights-dir {args.weights_dir}" if args.weights_dir else ""
+    status = "complete" if not missing else (f"not downloaded (missing {', '.join(missing)}); "
+                                             f"run `gpt2np download {name}{where}`")
+    print(f"model       {source}")
+    print(f"folder      {folder.resolve() if folder.exists() else folder}  [{status}]")
+    print(f"config      n_layer={config.n_layer}  n_head={config.n_head}  n_embd={config.n_embd}  "
+          f"d_mlp={config.d_mlp}  n_positions={config.n_positions}  vocab_size={config.vocab_size}")
+    print(f"parameters  {config.n_params:,} (tied unembedding counted once)")
+    if not missing:
+        header, _ = read_header(folder / "model.safetensors")
+        head = header.get("lm_head.weight") or header.get("transformer.lm_head.weight")
+        if head is not None:
+            print(f"            + lm_head.weight {head['shape']} stored in the file (untied head, or a copy of wte)")
+    present = [f for f in FILES if (folder / f).is_file()]
+    if present:
+        fw = max(len(f) for f in present)
+        for i, f in enumerate(present):
+            print(f"{'files' if i == 0 else '':<12}{f:<{fw}}  {_size((folder / f).stat().st_size)}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------
+# The parser
+
+
+EXAMPLES = {
+    "lens": """examples:
+  gpt2np lens "We train GPT-3, an autoregressive language model" --view kl --out kl.png
+  gpt2np lens --file examples/gpt3_abstract.txt --model gpt2-xl --norm norm --step 2 \\
+      --start 156 --end 166 --view logits --view ranks --out 'abstract-{view}.png'
+  echo "Hello world" | gpt2np lens - --top-k 3 --save hello.npz
+
+Without --out, a table of each row's top-1 token is printed (and the numbers of each --view).
+--start/--end choose the positions drawn, [start, end); negative values count from the end;
+the model still reads the whole text. Text longer than the context is an error, never truncated.""",
+    "plot": """examples:
+  gpt2np lens "The logit lens" --save lens.npz
+  gpt2np plot lens.npz --view ranks --view kl --out grid.pdf
+  gpt2np plot lens.json                      # the table of top-1 tokens""",
+    "generate": """examples:
+  gpt2np generate "The logit lens is" --max-new-tokens 40 --seed 0
+  gpt2np generate "Once upon a time" --temperature 0.8 --top-p 0.9 --stop-at-eot
+  gpt2np generate "2 + 2 =" --temperature 0 --no-prompt      # greedy""",
+    "score": """examples:
+  gpt2np score "The logit lens reads the residual stream."
+  gpt2np score --file essay.txt --model gpt2-medium --json > scores.json""",
+    "download": """examples:
+  gpt2np download gpt2
+  gpt2np download gpt2 gpt2-xl --weights-dir /data/gpt2
+  gpt2np download all""",
+    "info": """examples:
+  gpt2np info gpt2-xl
+  gpt2np info ./my-checkpoint""",
+}
+
+
+def build_parser() -> Parser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    common = Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")
+
+    model = Parser(add_help=False)
+    model.add_argument("--model", default="gpt2", metavar="NAME|PATH",
+                       help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a checkpoint folder (default gpt2)")
+    model.add_argument("--weights-dir", metavar="DIR",
+                       help="where named checkpoints live (default $GPT2NP_WEIGHTS or ./weights)")
+    model.add_argument("--offline", action="store_true", help="never download a missing checkpoint")
+    model.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                       help="cpu (NumPy, default) or gpu (CuPy: pip install 'gpt2np[gpu]')")
+
+    def text_args(p, what="TEXT"):
+        p.add_argument("text", nargs="?", metavar=what, help=f"the {what.lower()}; - reads standard input")
+        p.add_argument("--file", metavar="PATH", help=f"read the {what.lower()} from a UTF-8 file "
+                       "(its final newline is dropped)")
+
+    top = Parser(prog=PROG, formatter_class=fmt, description="GPT-2 in NumPy, built to look inside: the logit "
+                 "lens as figures or tables, generation, scoring and checkpoints.",
+                 epilog="run `gpt2np COMMAND --help` for each command's options and examples")
+    top.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def command(name, fn, help_, parents):
+        p = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name], formatter_class=fmt,
+                           parents=[common, *parents])
+        p.set_defaults(run=fn)
+        return p
+
+    p = command("lens", cmd_lens, "the logit lens of a text: a figure of the post, a table, or a saved result",
+                [model])
+    text_args(p)
+    p.add_argument("--start", type=int, help="first position drawn (default 0; negative counts from the end)")
+    p.add_argument("--end", type=int, help="one past the last position drawn (default: the end of the text)")
+    p.add_argument("--step", type=_positive, default=1,
+                   help="keep every STEP-th block row, counting back from the last (the post: 2)")
+    p.add_argument("--sublayers", action="store_true", help="add the row after each block's attention (l.attn)")
+    p.add_argument("--no-input", action="store_true", help="leave out the input (embedding) row")
+    p.add_argument("--norm", choices=("ln_f", "norm", "raw"), default="ln_f",
+                   help="decoder normalisation: ln_f (the model's own, default), norm (without ln_f's gain and "
+                        "bias: the post's figures), raw (none)")
+    p.add_argument("--decoder-blocks", type=_nonnegative, default=0, metavar="K",
+                   help="run the last K blocks inside the decoder (their rows are not shown)")
+    p.add_argument("--top-k", type=_positive, default=5, help="top tokens kept per cell in --save (default 5)")
+    p.add_argument("--save", metavar="FILE", help="save the lens result (.npz or .json) for `gpt2np plot`")
+    _figure_options(p)
+
+    p = command("plot", cmd_plot, "draw a lens saved with `gpt2np lens --save` (or print its table)", [])
+    p.add_argument("lens_file", metavar="LENS_FILE", help="a .npz or .json file from `gpt2np lens --save`")
+    _figure_options(p)
+
+    p = command("generate", cmd_generate, "continue a prompt, printing tokens as they come", [model])
+    text_args(p, "PROMPT")
+    p.add_argument("--max-new-tokens", type=_nonnegative, default=50, metavar="N", help="default 50")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
+    p.add_argument("--top-k", type=_positive, help="sample among the K most probable tokens")
+    p.add_argument("--top-p", type=float, help="then among the smallest set with probability >= P, in (0, 1]")
+    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
+    p.add_argument("--stop-at-eot", action="store_true", help="stop after <|endoftext|>")
+    p.add_argument("--no-prompt", action="store_true", help="print only the new text")
+
+    p = command("score", cmd_score, "log-probability of each token, mean cross-entropy and perplexity", [model])
+    text_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = command("download", cmd_download, "download official checkpoints (four files each), with progress bars",
+                [])
+    p.add_argument("names", nargs="+", metavar="NAME", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or all")
+    p.add_argument("--weights-dir", metavar="DIR", help="default $GPT2NP_WEIGHTS or ./weights")
+    p.add_argument("--revision", help="a commit of the hub repository (default $GPT2NP_REVISION or main)")
+    p.add_argument("--force", action="store_true", help="download even when the files are there")
+
+    p = command("info", cmd_info, "a checkpoint's sizes, files, parameter count and folder", [])
+    p.add_argument("model", nargs="?", default="gpt2", metavar="MODEL", help="a model name or folder (default gpt2)")
+    p.add_argument("--weights-dir", metavar="DIR", help="default $GPT2NP_WEIGHTS or ./weights")
+    return top
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def main(argv=None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UserError as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    if args.command is None:
+        print(f"{PROG}: error: choose a command: lens, plot, generate, score, download, info "
+              f"(see `{PROG} --help`)", file=sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `gpt2np generate ... | head -1`: the reader left, stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 0
+    except (UserError, ValueError, OSError, RuntimeError) as e:  # library errors carry a message for the user
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: internal error ({type(e).__name__}: {_one_line(e)}); "
+              "run again with --debug for the traceback", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
