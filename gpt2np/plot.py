@@ -7,8 +7,9 @@ input tokens, the top axis the true next tokens with ``*`` where the model's fin
 them; a cell is outlined when its top-1 equals the final top-1 at its position.
 
 Views (``VIEWS``) and their colour scales. One colour map family, ``cividis`` (perceptually
-uniform, readable with colour-vision deficiencies), oriented so that **light means good**: close
-to the final prediction, confident, high rank:
+uniform, readable with colour-vision deficiencies), oriented so that **light means good**: a high
+top-1 logit or probability, a low entropy, a rank near 1, a KL near 0 (close to the final
+distribution for ``kl``, to the input row's for ``kl-input``):
 
 =============  ======================================  =====================  ===========
 view           quantity, per cell                      scale                  colour map
@@ -257,7 +258,8 @@ def _draw(ax, lens, view: str, *, vmin, vmax, cmap, title) -> None:
     extend = "max" if v.log or view.startswith("kl") else "both" if view == "logits" else "neither"
     cax_pad = 0.25 / max(ax.figure.get_size_inches()[0], 1)
     cb = ax.figure.colorbar(im, ax=ax, extend=extend, pad=cax_pad, fraction=0.02, aspect=max(10, 1.6 * R))
-    label = v.title + (f" (capped at {hi:g})" if v.vmax is not None and vmax is None and view != "probs" else "")
+    capped = view != "probs" and (v.vmax is not None or vmax is not None)
+    label = v.title + (f" (capped at {hi:g})" if capped else "")
     cb.set_label(label, fontsize=TICK_FONT)
     cb.ax.tick_params(labelsize=TICK_FONT)
     if v.log:  # 1, 10, 100 rather than 10^0, 10^1, 10^2
