@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import unicodedata
+import warnings
 from pathlib import Path
 
 PROG = "gpt2np"
@@ -203,7 +204,9 @@ def _save_figures(lens, views: list[str], out: str, *, vmin, vmax, dpi: int, tit
             fig = plot_views(lens, vs, vmin=vmin, vmax=vmax, title=title)
         size = max(fig.get_size_inches())
         try:
-            fig.savefig(path, dpi=min(dpi, MAX_PIXELS / size))
+            with warnings.catch_warnings():  # a token in a script the font lacks is drawn as a box
+                warnings.filterwarnings("ignore", message="Glyph .* missing from")
+                fig.savefig(path, dpi=min(dpi, MAX_PIXELS / size))
         except OSError as e:
             raise UserError(f"cannot write {path}: {e.strerror or e}") from None
         written.append(path)
