@@ -26,11 +26,8 @@ class Model:
 
     @property
     def device(self) -> str:
-        """'cpu' for NumPy, 'gpu' for CuPy, else the array module's name (e.g. array_api_strict)."""
-        if backend.is_numpy(self.params.wte):
-            return "cpu"
-        name = type(self.params.wte).__module__.split(".")[0]
-        return "gpu" if name == "cupy" else name
+        """'cpu' when the weights are NumPy arrays, else 'gpu' (CuPy, or a stand-in array namespace)."""
+        return "cpu" if backend.is_numpy(self.params.wte) else "gpu"
 
     def to(self, device: str) -> "Model":
         """Move the weights once to ``'cpu'`` or ``'gpu'`` (CuPy); every computation follows them."""
