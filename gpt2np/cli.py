@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
 import json
 import math
 import os
@@ -294,10 +295,14 @@ def cmd_plot(args) -> int:
 
 
 def _token_stream(model, ids, args):
-    """The new tokens, one int at a time, as the model chooses them. (A lens recorded during
-    generation, ``--lens-out``, will plug in here: the same tokens from a recording stream.)"""
-    return model.stream(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed, stop_at_eot=args.stop_at_eot)
+    """The new tokens, one int at a time, as the model chooses them. With ``--lens-out`` they come
+    from ``lens.record``, which also keeps every residual row; its trace is the generator's value."""
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                    stop_at_eot=args.stop_at_eot)
+    if args.lens_out:
+        from .lens import record
+        return record(model, ids, args.max_new_tokens, **sampling)
+    return model.stream(ids, args.max_new_tokens, **sampling)
 
 
 def _write_stream(model, tokens, out) -> list[int]:
@@ -317,14 +322,31 @@ def cmd_generate(args) -> int:
     prompt = _read_text(args, "prompt")
     model = _load(args)
     ids = _encode(model, prompt, "prompt")
+    if args.lens_out:
+        _check_suffix(args.lens_out, LENS_TYPES, "--lens-out")
     tokens = _token_stream(model, ids, args)  # checks the arguments before printing anything
     out = sys.stdout
     if not args.no_prompt:
         out.write(prompt)
         out.flush()
-    _write_stream(model, tokens, out)
+    recorded = {}
+
+    def keep_trace():  # the tokens, passed on one by one; the recording's trace is kept at the end
+        recorded["trace"] = yield from tokens
+
+    new = _write_stream(model, keep_trace() if args.lens_out else tokens, out)
     out.write("\n")
     out.flush()
+    if args.lens_out:
+        from .lens import logit_lens, window_of_generation
+
+        start, end = window_of_generation(len(ids), len(new))
+        lens = logit_lens(model, recorded["trace"], start=start, end=end, step=args.step, sublayers=args.sublayers,
+                          include_input=not args.no_input, norm=args.norm, decoder_blocks=args.decoder_blocks)
+        lens = dataclasses.replace(lens, settings={**lens.settings, "generated": len(new),
+                                                   "temperature": args.temperature, "seed": args.seed})
+        lens.save(args.lens_out)
+        print(f"lens of the {len(new)} generated tokens saved to {args.lens_out}", file=sys.stderr)
     return 0
 
 
@@ -515,6 +537,14 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
     p.add_argument("--stop-at-eot", action="store_true", help="stop after <|endoftext|>")
     p.add_argument("--no-prompt", action="store_true", help="print only the new text")
+    p.add_argument("--lens-out", metavar="FILE", help="record the logit lens at every position that chose a new "
+                   "token (from the cached computation) and save it (.npz or .json); draw it with `gpt2np plot`")
+    p.add_argument("--step", type=_positive, default=1, help="with --lens-out: keep every STEP-th block row")
+    p.add_argument("--sublayers", action="store_true", help="with --lens-out: add the l.attn rows")
+    p.add_argument("--no-input", action="store_true", help="with --lens-out: leave out the input row")
+    p.add_argument("--norm", choices=("ln_f", "norm", "raw"), default="ln_f", help="with --lens-out: the decoder")
+    p.add_argument("--decoder-blocks", type=_nonnegative, default=0, metavar="K",
+                   help="with --lens-out: run the last K blocks inside the decoder")
 
     p = command("score", cmd_score, "log-probability of each token, mean cross-entropy and perplexity", [model])
     text_args(p)

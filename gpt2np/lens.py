@@ -510,44 +510,68 @@ def self_check(model, trace, *, chunk: int = CHUNK) -> dict:
 # The lens while the model writes
 
 
-def generate_trace(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None, seed: int | None = None, stop_at_eot: bool = False):
-    """Generate with the KV cache and record every residual row along the way.
+def record(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, seed: int | None = None, stop_at_eot: bool = False):
+    """Generate with the KV cache, yielding each new token as it is chosen, and record every row.
 
     The prompt runs once (prefill); each new token then runs one cached step, whose rows (the
-    embedding, the stream after each attention sub-block and after each block) are written into the
-    trace of the whole sequence. Nothing is recomputed: the result equals
-    ``model.forward(all_ids, sublayers=True)`` up to float32 rounding, at the cost of one more step
-    (for the rows of the last generated token).
+    embedding, the stream after each attention sub-block and after each block) join the trace of
+    the whole sequence. Nothing is recomputed: the trace equals ``model.forward(all_ids,
+    sublayers=True)`` up to float32 rounding, at the cost of one step for the last token's rows.
+    Arguments are checked here, before the first token.
 
     Returns
     -------
-    new_ids : ndarray, shape (N,), the generated tokens
-    trace : Trace of prompt + new tokens with ``resid``, ``resid_mid`` and ``logits``
+    A generator of ints (the new tokens); its return value (``StopIteration.value``, or the value
+    of ``yield from``) is the ``Trace`` of prompt + new tokens with ``resid``, ``resid_mid``, ``logits``.
     """
     from . import generate as G
 
     ids = M.check_ids(ids, model.config)
     G.stream(model.params, model.config, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    return _record(model, ids, int(max_new_tokens), np.random.default_rng(seed), temperature, top_k, top_p,
+                   model.config.vocab_size - 1 if stop_at_eot else None)
+
+
+def _record(model, ids, n, rng, temperature, top_k, top_p, stop):
+    from . import generate as G
+
     params, config = model.params, model.config
     xp = namespace(params.wte)
-    rng = np.random.default_rng(seed)
-    stop = config.vocab_size - 1 if stop_at_eot else None
     logits, cache, resid, mid = G.prefill(params, config, xp.asarray(ids), keep_resid=True)
     rows, mids, new = [resid], [mid], []
-    for i in range(int(max_new_tokens)):
+    for _ in range(n):
         token = G.pick(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
         new.append(token)
+        yield token
         logits, cache, resid, mid = G.step(params, config, cache, token, keep_resid=True)  # rows of `token`
-        rows.append(resid)
-        mids.append(mid)
+        rows.append(resid)  # [L+1, 1, D]
+        mids.append(mid)  # [L, 1, D]
         if token == stop:
             break
     resid = xp.concat(rows, axis=1)  # [L+1, T, D]
     all_ids = np.concatenate([ids, np.asarray(new, np.int64)])
-    trace = M.Trace(xp.asarray(all_ids), resid, M.unembed(params, config, resid[config.n_layer, ...]),
-                    resid_mid=xp.concat(mids, axis=1))
-    return np.asarray(new, np.int64), trace
+    return M.Trace(xp.asarray(all_ids), resid, M.unembed(params, config, resid[config.n_layer, ...]),
+                   resid_mid=xp.concat(mids, axis=1))
+
+
+def generate_trace(model, ids, max_new_tokens: int, **sampling):
+    """``record`` run to the end: ``(new_ids [N], trace)``. ``sampling``: temperature, top_k, top_p,
+    seed, stop_at_eot, as in ``Model.generate``."""
+    gen, new = record(model, ids, max_new_tokens, **sampling), []
+    while True:
+        try:
+            new.append(next(gen))
+        except StopIteration as done:
+            return np.asarray(new, np.int64), done.value
+
+
+def window_of_generation(n_prompt: int, n_new: int) -> tuple[int, int]:
+    """The positions that chose the new tokens: the last prompt position through the one before the
+    last new token, ``[n_prompt - 1, n_prompt - 1 + n_new)``; each cell's next token is the one chosen."""
+    if n_new == 0:
+        raise ValueError("no token was generated, so there is no position to read the lens at")
+    return n_prompt - 1, n_prompt - 1 + n_new
 
 
 def generation_lens(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
@@ -567,10 +591,8 @@ def generation_lens(model, ids, max_new_tokens: int, *, temperature: float = 1.0
         raise ValueError("generation_lens chooses the window itself (the positions that generated tokens)")
     new, trace = generate_trace(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 seed=seed, stop_at_eot=stop_at_eot)
-    T0 = len(ids)
-    if len(new) == 0:
-        raise ValueError("max_new_tokens=0: there is no generated token to read the lens at")
-    lens = logit_lens(model, trace, start=T0 - 1, end=T0 - 1 + len(new), **lens_options)
+    start, end = window_of_generation(len(ids), len(new))
+    lens = logit_lens(model, trace, start=start, end=end, **lens_options)
     settings = {**lens.settings, "generated": int(len(new)), "temperature": temperature, "top_k": top_k,
                 "top_p": top_p, "seed": seed}
     return new, dataclasses.replace(lens, settings=settings)

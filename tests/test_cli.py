@@ -178,6 +178,29 @@ def test_generate_greedy_and_streaming(ckpt, model, monkeypatch):
     assert out.flushes >= 8  # one flush per token at least: the text appears as it comes
 
 
+def test_generate_lens_out(capsys, ckpt, model, tmp_path):
+    """--lens-out streams the same text and saves the lens of the generated window, drawable by plot."""
+    from gpt2np import Lens, logit_lens
+
+    path = tmp_path / "gen.npz"
+    args = ("generate", TEXT, "--model", ckpt, "--max-new-tokens", 6, "--seed", 2, "--no-prompt")
+    code, plain, _ = run(capsys, *args)
+    code2, recorded, err = run(capsys, *args, "--lens-out", path, "--sublayers", "--step", 2)
+    assert code == code2 == 0 and plain == recorded and "saved to" in err
+    lens = Lens.load(path)
+    ids = model.encode(TEXT)
+    new = model.generate(ids, 6, seed=2)
+    assert lens.next_ids.tolist() == new.tolist() and (lens.start, lens.end) == (len(ids) - 1, len(ids) + 5)
+    full = np.concatenate([ids, new])
+    ref = logit_lens(model, model.forward(full, sublayers=True), sublayers=True, step=2, start=lens.start,
+                     end=lens.end)
+    assert lens.rows == ref.rows and np.array_equal(lens.top_ids, ref.top_ids)
+    code, _, err = run(capsys, "plot", path, "--view", "kl", "--out", tmp_path / "gen.png")
+    assert code == 0 and (tmp_path / "gen.png").stat().st_size > 0
+    code, _, err = run(capsys, *args, "--lens-out", tmp_path / "gen.txt")
+    assert code == 2 and "--lens-out" in err and "unsupported file type" in err
+
+
 def test_generate_holds_back_split_utf8(model):
     """A character split across two tokens is printed once both halves arrived, never as U+FFFD."""
     byte = {b: i for i in range(256) if len(b := model.tokenizer.decode_single_token_bytes(i)) == 1}
