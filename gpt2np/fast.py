@@ -1,28 +1,35 @@
 """The same forward pass as ``model.forward``, arranged for speed on CPUs with NumPy. Read model.py first.
 
 Nothing here changes the maths: ``forward_fast`` returns the same ``Trace`` as ``model.forward`` up to
-float32 rounding (``tests/test_fast.py`` checks it). What changes is how the work is laid out:
+float32 rounding (``tests/test_fast.py`` checks it). ``Model.forward`` uses it for NumPy weights;
+CuPy and other array-API arrays take the plain path. What changes is how the work is laid out:
 
 * **No temporaries where an output buffer will do.** Every matrix product writes into a buffer
-  (``np.matmul(..., out=...)``), bias, LayerNorm, GELU and softmax work in place, and the streams
-  are written straight into the trace's stacked arrays. Nothing is ever promoted to float64.
-* **No copies of weights.** ``wte.T`` and the per-head views of ``q``, ``k``, ``v`` are strided
-  views that BLAS reads as they are; the weights are used exactly as loaded.
-* **Causal attention in query chunks.** Queries are taken ``CHUNK`` rows at a time and scored only
-  against the keys up to the chunk's last query, so about half of the ``T x T`` scores (the masked
-  half) is never computed; only the chunk's diagonal block needs the mask. A chunk's scores stay in
-  the CPU cache while softmax passes over them. The scale ``1/sqrt(d)`` is applied to ``q`` (a power
-  of two for d = 64, so exact) and, without patterns, the softmax division is applied to the
-  ``[H, C, d]`` output instead of the ``[H, C, S]`` probabilities.
-* **All cores on everything.** NumPy runs element-wise work (softmax, GELU, LayerNorm) on one core.
-  When ``threadpoolctl`` is installed and T is large enough, the rows are split across ``workers``
-  Python threads (NumPy releases the GIL), each running single-threaded BLAS on its rows; the
-  attention is split by query chunks. Without threadpoolctl, or with ``workers=1``, the same code
+  (``np.matmul(..., out=...)``); bias, LayerNorm, GELU and softmax work in place; the streams are
+  written straight into the trace's stacked arrays. Nothing is ever promoted to float64.
+* **No copies of weights.** ``wte.T`` and the weight matrices are read by BLAS as they are.
+* **Causal attention in query chunks, head by head.** Queries are taken ``CHUNK`` rows at a time
+  and scored only against the keys up to the chunk's last query, so the masked half of the
+  ``T x T`` scores is (almost) never computed; only the chunk's diagonal block needs the mask. One
+  head's ``[CHUNK, S]`` scores are a contiguous block that stays in the L2 cache while softmax
+  passes over it. ``1/sqrt(d)`` scales ``q`` (a power of two for d = 64: exact); the row sums come
+  from a BLAS matrix-vector product; the division by them is applied to the ``[C, d]`` output, not
+  to the ``[C, S]`` probabilities (which are divided only when the patterns are kept).
+* **GELU in cache-sized blocks**: its nine passes run over ``GELU_ROWS`` rows at a time.
+* **All cores on everything.** NumPy runs element-wise work on one core. With ``threadpoolctl``
+  installed and T long enough (``MIN_ROWS_PER_WORKER`` positions per core), the positions are split
+  across ``workers`` Python threads (NumPy releases the GIL), each running single-threaded BLAS on its
+  rows, and the attention's query chunks are dealt out so the work is even. Otherwise the same code
   runs in one thread and BLAS uses its own threads. The BLAS thread count is restored on return.
+* **The logits in ordinary pages** (see ``_empty_small_pages``): the ``[T, V]`` array is the largest.
+
+Measured with ``scripts/bench.py`` (gpt2 shape, T = 1024, 2 cores): the plain path 2.8 s, this one
+1.1 s; the attention went from 100 ms to 14 ms per block, the rest is matrix products.
 """
 from __future__ import annotations
 
 import math
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -33,9 +40,11 @@ from .config import Config
 from .model import MASKED, Trace
 from .weights import Block, Params
 
-CHUNK = 64  # query rows per attention chunk: [H, CHUNK, S] float32 scores stay in the L2 cache
-MLP_ROWS = 128  # rows per MLP block: the [rows, F] hidden activations stay in the L2 cache
-MIN_ROWS_PER_WORKER = 64  # below this, one thread with multi-threaded BLAS does better
+CHUNK = 128  # query rows per attention chunk: one head's [CHUNK, S] float32 scores stay in the L2 cache
+GELU_ROWS = 32  # rows per GELU block: its nine passes over [rows, F] stay in the L2 cache
+# Positions per worker, at least. Each worker's BLAS packs the whole weight matrix for its rows, so
+# fewer rows waste more: below this, one thread with BLAS's own threads (which split the columns) wins.
+MIN_ROWS_PER_WORKER = 512
 
 
 def _blas_controller():
@@ -58,6 +67,19 @@ def default_workers(T: int, blas=None) -> int:
         cores = os.cpu_count() or 1
     threads = max(c.num_threads for c in blas.lib_controllers)
     return max(1, min(cores, threads, T // MIN_ROWS_PER_WORKER))
+
+
+def _empty_small_pages(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """``np.empty`` in memory the kernel maps with ordinary 4 KiB pages.
+
+    NumPy asks the kernel for transparent huge pages for large arrays (madvise). Touching a fresh
+    huge page is cheap when the kernel has one ready, but can stall for a long time when it must
+    first compact memory (or, in a virtual machine, when the host must back it again): on the
+    [T, V] logits, 206 MB at T = 1024, that varied from 20 ms to 250 ms run to run. Plain pages
+    cost about 70 ms, every time.
+    """
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, max(n, 1)), dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 def _split(n: int, parts: int) -> list[slice]:
@@ -112,27 +134,31 @@ def gelu_new_(h: np.ndarray, tmp: np.ndarray) -> np.ndarray:
     return h
 
 
-def _attend_chunks(q, k, v, z, chunks, upper, scores, pattern=None) -> None:
-    """Causal attention for the given query chunks, written into ``z``.
+def _attend_chunks(q, k, v, z, chunks, upper, ones, scratch, pattern=None) -> None:
+    """Causal attention for the given query chunks, head by head, written into ``z``.
 
-    ``q, k, v : [H, T, d]`` views (q already scaled), ``z : [T, H, d]`` output view, ``upper``
-    ``[C, C]`` bool, True above the diagonal, ``scores`` scratch ``[H, C, T]``, ``pattern`` an
-    optional ``[H, T, T]`` zeroed output.
+    ``q : [H, T, d]`` view (already scaled), ``k, v : [H, T, d]`` contiguous, ``z : [T, H, d]``
+    output view, ``upper : [C, C]`` bool, True above the diagonal, ``ones : [T, 1]``, ``scratch``
+    ``(scores [C * T], row_max [C, 1], row_sum [C, 1])``, ``pattern`` an optional ``[H, T, T]``
+    zeroed output.
     """
+    flat, row_max, row_sum = scratch
     for i0, i1 in chunks:
         c = i1 - i0
-        s = pattern[:, i0:i1, :i1] if pattern is not None else scores[:, :c, :i1]  # [H, c, S=i1]
-        np.matmul(q[:, i0:i1], k[:, :i1].transpose(0, 2, 1), out=s)
-        np.copyto(s[:, :, i0:i1], MASKED, where=upper[:c, :c])  # [H, c, c]: key j > query i is masked
-        s -= s.max(axis=-1, keepdims=True)
-        np.exp(s, out=s)
-        total = s.sum(axis=-1, keepdims=True)  # [H, c, 1]
-        np.reciprocal(total, out=total)
-        out = z[i0:i1].transpose(1, 0, 2)  # [H, c, d] view of the merged output
-        np.matmul(s, v[:, :i1], out=out)  # unnormalised: divide the [H, c, d] result, not [H, c, S]
-        out *= total
-        if pattern is not None:  # the same output bits whether or not the pattern is kept
-            s *= total
+        s = flat[:c * i1].reshape(c, i1)  # [c, S=i1] contiguous, in the L2 cache
+        m, total = row_max[:c], row_sum[:c]
+        for h in range(q.shape[0]):
+            np.matmul(q[h, i0:i1], k[h, :i1].T, out=s)  # [c, d] @ [d, S] -> [c, S]
+            np.copyto(s[:, i0:], MASKED, where=upper[:c, :c])  # the diagonal block: key j > query i
+            np.max(s, axis=-1, keepdims=True, out=m)
+            np.subtract(s, m, out=s)
+            np.exp(s, out=s)
+            np.matmul(s, ones[:i1], out=total)  # [c, 1] row sums (a BLAS matrix-vector product)
+            out = z[i0:i1, h]  # [c, d] view of the merged output
+            np.matmul(s, v[h, :i1], out=out)  # unnormalised: divide the [c, d] result, not [c, S]
+            np.divide(out, total, out=out)
+            if pattern is not None:
+                np.divide(s, total, out=pattern[h, i0:i1, :i1])
 
 
 def forward_fast(params: Params, config: Config, ids: np.ndarray, *, sublayers: bool = False,
@@ -145,7 +171,7 @@ def forward_fast(params: Params, config: Config, ids: np.ndarray, *, sublayers: 
     ids : ndarray of int, shape (T,), already checked (``model.check_ids``)
     sublayers, patterns : as in ``model.forward``
     workers : threads to split the work over (default: BLAS's thread count, at most the usable
-        cores, at least 64 positions each; 1 when threadpoolctl is not installed)
+        cores, at least 512 positions each; 1 when threadpoolctl is not installed)
     """
     T = ids.shape[0]
     blas = _blas_controller() if workers is None or workers > 1 else None
@@ -188,11 +214,15 @@ def _forward(params: Params, config: Config, ids, sublayers: bool, patterns: boo
     C = min(CHUNK, T)
     chunks = _chunks_by_worker(T, C, len(rows))
     upper = np.triu(np.ones((C, C), dtype=bool), 1)  # [C, C] the masked keys of a diagonal block
-    scores = [np.empty((H, C, T), dt) for _ in rows] if not patterns else [None] * len(rows)
-    hidden = [(np.empty((MLP_ROWS, F), dt), np.empty((MLP_ROWS, F), dt)) for _ in rows]
+    ones = np.ones((T, 1), dt)
+    scratch = [(np.empty(C * T, dt), np.empty((C, 1), dt), np.empty((C, 1), dt)) for _ in rows]
+    k = np.empty((H, T, d), dt)  # keys and values head by head, contiguous for BLAS
+    v = np.empty((H, T, d), dt)
+    hidden = np.empty((T, F), dt)  # MLP activations
+    gelu_tmp = [np.empty((min(GELU_ROWS, T), F), dt) for _ in rows]
 
     heads = qkv.reshape(T, 3, H, d).transpose(1, 2, 0, 3)  # [3, H, T, d] views, no copy
-    q, k, v = heads[0], heads[1], heads[2]
+    q = heads[0]
     z_heads = z.reshape(T, H, d)
 
     np.take(params.wte, ids, axis=0, out=resid[0])  # [T, D]
@@ -210,9 +240,11 @@ def _forward(params: Params, config: Config, ids, sublayers: bool, patterns: boo
             np.matmul(ln[r], p.attn_c_attn_weight, out=qkv[r])  # [R, D] -> [R, 3D]
             qkv[r] += p.attn_c_attn_bias
             qkv[r, :D] *= scale  # q / sqrt(d)
+            np.copyto(k[:, r], heads[1, :, r])
+            np.copyto(v[:, r], heads[2, :, r])
 
         def attn_chunks(w, l=l):
-            _attend_chunks(q, k, v, z_heads, chunks[w], upper, scores[w], None if pats is None else pats[l])
+            _attend_chunks(q, k, v, z_heads, chunks[w], upper, ones, scratch[w], None if pats is None else pats[l])
 
         def block_rows(w, p=p, x=x, x_next=x_next, a=a, xm=xm, m=m):
             r = rows[w]
@@ -220,14 +252,13 @@ def _forward(params: Params, config: Config, ids, sublayers: bool, patterns: boo
             a[r] += p.attn_c_proj_bias
             np.add(x[r], a[r], out=xm[r])  # resid_mid = x + attn(ln_1(x))
             layer_norm_(xm[r], p.ln_2_weight, p.ln_2_bias, eps, out=ln[r])
-            h_buf, tmp_buf = hidden[w]
-            for i0 in range(r.start, r.stop, MLP_ROWS):
-                b = slice(i0, min(i0 + MLP_ROWS, r.stop))
-                h, tmp = h_buf[:b.stop - b.start], tmp_buf[:b.stop - b.start]
-                np.matmul(ln[b], p.mlp_c_fc_weight, out=h)  # [R, D] -> [R, F]
-                h += p.mlp_c_fc_bias
-                gelu_new_(h, tmp)
-                np.matmul(h, p.mlp_c_proj_weight, out=m[b])  # [R, F] -> [R, D]
+            h = hidden[r]
+            np.matmul(ln[r], p.mlp_c_fc_weight, out=h)  # [R, D] -> [R, F]
+            for i0 in range(0, h.shape[0], GELU_ROWS):  # bias and GELU, block by block
+                hb = h[i0:i0 + GELU_ROWS]
+                hb += p.mlp_c_fc_bias
+                gelu_new_(hb, gelu_tmp[w][:hb.shape[0]])
+            np.matmul(h, p.mlp_c_proj_weight, out=m[r])  # [R, F] -> [R, D]
             m[r] += p.mlp_c_proj_bias
             np.add(xm[r], m[r], out=x_next[r])  # resid_post = resid_mid + mlp(ln_2(resid_mid))
 
@@ -235,7 +266,7 @@ def _forward(params: Params, config: Config, ids, sublayers: bool, patterns: boo
         run(attn_chunks, range(len(rows)))
         run(block_rows, range(len(rows)))
 
-    logits = np.empty((T, config.vocab_size), dt)
+    logits = _empty_small_pages((T, config.vocab_size), dt)  # [T, V]
     unembed_t = params.unembed.T  # [D, V] view: BLAS reads the transpose, nothing is copied
 
     def logit_rows(w):

@@ -1,7 +1,7 @@
 """The fast NumPy path (gpt2np/fast.py) computes the plain forward pass (model.py), in float32 only.
 
 ``forward_fast`` is compared field by field with ``model.forward`` on tiny random models, with query
-chunks, MLP row blocks and worker splits small enough that every boundary case happens (a chunk
+chunks, GELU row blocks and worker splits small enough that every boundary case happens (a chunk
 that straddles a worker split, a last chunk shorter than the others, one position). The guards:
 every array of the trace is float32, and the memory it allocates beyond the trace is bounded by its
 workspace (measured with tracemalloc, which sees NumPy's allocations): a float64 copy of any
@@ -37,17 +37,17 @@ def ids_of(m, T, seed=0):
     return np.random.default_rng(seed).integers(0, m.config.vocab_size, T)
 
 
-@pytest.mark.parametrize("T, workers, chunk, mlp_rows", [
+@pytest.mark.parametrize("T, workers, chunk, gelu_rows", [
     (1, 1, 64, 128),  # one position
-    (7, 1, 4, 3),  # last chunk and last MLP block shorter
+    (7, 1, 4, 3),  # last chunk and last GELU block shorter
     (64, 2, 16, 8),
     (150, 3, 16, 32),  # uneven worker split, chunks straddle it
     (150, 1, 64, 128),  # the default sizes, several chunks
     (33, 5, 5, 4),
 ])
-def test_equals_plain_forward(small_model, monkeypatch, T, workers, chunk, mlp_rows):
+def test_equals_plain_forward(small_model, monkeypatch, T, workers, chunk, gelu_rows):
     monkeypatch.setattr(fast, "CHUNK", chunk)
-    monkeypatch.setattr(fast, "MLP_ROWS", mlp_rows)
+    monkeypatch.setattr(fast, "GELU_ROWS", gelu_rows)
     m, ids = small_model, ids_of(small_model, T)
     ref = model.forward(m.params, m.config, ids, sublayers=True, patterns=True)
     got = fast.forward_fast(m.params, m.config, ids, sublayers=True, patterns=True, workers=workers)
@@ -104,9 +104,9 @@ def test_trace_is_float32(small_model):
 def test_no_float64_or_large_temporaries(make_checkpoint, monkeypatch, workers):
     """All the memory forward_fast allocates beyond its trace is its workspace, and no more.
 
-    NumPy reports its allocations to tracemalloc. The workspace is five ``[T, D]`` buffers (the
-    normalised stream, q|k|v, the merged heads) plus, per worker, the ``[H, C, T]`` scores of one
-    query chunk and two ``[rows, F]`` MLP blocks. A float64 version of any activation (a promotion)
+    NumPy reports its allocations to tracemalloc. The workspace is seven ``[T, D]`` buffers (the
+    normalised stream, q|k|v, contiguous k and v, the merged heads), the ``[T, F]`` MLP activations,
+    and per worker one head's ``[C, T]`` scores of a query chunk and a ``[rows, F]`` GELU block. A float64 version of any activation (a promotion)
     or any unplanned ``[T, D]``-sized temporary does not fit in the margin.
     """
     config = Config(n_layer=2, n_head=4, n_embd=128, n_positions=256, vocab_size=400)
@@ -114,7 +114,7 @@ def test_no_float64_or_large_temporaries(make_checkpoint, monkeypatch, workers):
     T, D, H, F = 256, config.n_embd, config.n_head, config.d_mlp
     C, R = 32, 64
     monkeypatch.setattr(fast, "CHUNK", C)
-    monkeypatch.setattr(fast, "MLP_ROWS", R)
+    monkeypatch.setattr(fast, "GELU_ROWS", R)
     ids = ids_of(m, T)
     fast.forward_fast(m.params, m.config, ids, sublayers=True, workers=workers)  # warm-up
     tracemalloc.start()
@@ -126,7 +126,7 @@ def test_no_float64_or_large_temporaries(make_checkpoint, monkeypatch, workers):
     finally:
         tracemalloc.stop()
     trace_bytes = sum(getattr(tr, name).nbytes for name in FIELDS if getattr(tr, name) is not None)
-    workspace = 4 * (5 * T * D + workers * (H * C * T + 2 * R * F))
+    workspace = 4 * (7 * T * D + T * F + T + workers * (C * T + 2 * C + R * F))
     margin = T * D * 4  # Python's own allocations (threads, futures); a float64 [T, D] is twice this
     assert peak <= trace_bytes + workspace + margin, (peak - trace_bytes, workspace)
 
