@@ -11,5 +11,14 @@ from .lens import Lens, logit_lens, self_check
 from .model import Trace
 from .weights import download
 
-__all__ = ["Config", "Lens", "Model", "SIZES", "Trace", "download", "load", "logit_lens", "self_check"]
+__all__ = ["Config", "Lens", "Model", "SIZES", "Trace", "download", "load", "logit_lens", "plot_lens", "plot_views",
+           "self_check"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """``gpt2np.plot_lens`` / ``gpt2np.plot_views`` import matplotlib only when first used."""
+    if name in ("plot_lens", "plot_views"):
+        from . import plot
+        return getattr(plot, name)
+    raise AttributeError(f"module 'gpt2np' has no attribute {name!r}")
