@@ -38,7 +38,7 @@ import numpy as np
 
 from .config import Config
 from .model import MASKED, Trace
-from .weights import Block, Params
+from .weights import Params
 
 CHUNK = 128  # query rows per attention chunk: one head's [CHUNK, S] float32 scores stay in the L2 cache
 GELU_ROWS = 32  # rows per GELU block: its nine passes over [rows, F] stay in the L2 cache
@@ -75,7 +75,7 @@ def _empty_small_pages(shape: tuple[int, ...], dtype) -> np.ndarray:
     NumPy asks the kernel for transparent huge pages for large arrays (madvise). Touching a fresh
     huge page is cheap when the kernel has one ready, but can stall for a long time when it must
     first compact memory (or, in a virtual machine, when the host must back it again): on the
-    [T, V] logits, 206 MB at T = 1024, that varied from 20 ms to 250 ms run to run. Plain pages
+    [T, V] logits, 206 MB at T = 1024, that varied from 20 ms to over 200 ms run to run. Plain pages
     cost about 70 ms, every time.
     """
     n = int(np.prod(shape)) * np.dtype(dtype).itemsize
