@@ -251,34 +251,26 @@ def _finish(out: dict) -> dict:
 def _topk_candidates(z: np.ndarray, k: int):
     """Exact top-k of each row of ``z [n, V]`` without a full partition (NumPy path).
 
-    Columns j of the view ``[n, V // G, G]`` (token ids j, j + G, ...) are ranked by their maximum;
-    the k best columns plus the tail hold the top k (an element outside them would be beaten by k
-    column maxima). Exact ties at the boundary fall back to a full scan of that row.
+    The maxima of the columns of the view ``[n, V // G, G]`` (token ids j, j + G, ...) and of the
+    tail give a threshold, their k-th largest, that at least k logits reach; the few logits at or
+    above it (exact ties included) are sorted by value, then by lower id.
+    Returns ``(top_ids [n, k] int64, top_logits [n, k], max [n])``.
     """
     n, V = z.shape
     G = min(1024, max(1, V // 16))
     nb = V // G
-    body = z[:, :nb * G].reshape(n, nb, G)
-    gmax = body.max(axis=1)  # [n, G]
-    kk = min(k, G)
-    cols = np.argpartition(gmax, G - kk, axis=1)[:, G - kk:]  # [n, kk]
-    vals = np.take_along_axis(body, cols[:, None, :], axis=2).reshape(n, nb * kk)  # [n, nb*kk]
-    ids = (np.arange(nb)[None, :, None] * G + cols[:, None, :]).reshape(n, nb * kk)
-    tail = z[:, nb * G:]
-    if tail.shape[1]:
-        vals = np.concatenate([vals, tail], axis=1)
-        ids = np.concatenate([ids, np.broadcast_to(np.arange(nb * G, V), tail.shape)], axis=1)
-    order = np.lexsort((ids, -vals), axis=1)[:, :k]  # by value desc, then id asc
-    top_ids, top_vals = np.take_along_axis(ids, order, 1), np.take_along_axis(vals, order, 1)
-    # columns not chosen whose maximum ties the k-th value may hide a lower id of equal value
-    gmax_rest = gmax.copy()
-    np.put_along_axis(gmax_rest, cols, -np.inf, axis=1)
-    for i in np.flatnonzero(gmax_rest.max(axis=1) >= top_vals[:, -1]):
-        cand = np.flatnonzero(z[i] >= top_vals[i, -1])
-        o = np.lexsort((cand, -z[i, cand]))[:k]
-        top_ids[i], top_vals[i] = cand[o], z[i, cand[o]]
-    return top_ids.astype(np.int64), top_vals, gmax.max(axis=1) if not tail.shape[1] else np.maximum(
-        gmax.max(axis=1), tail.max(axis=1))
+    gmax = z[:, :nb * G].reshape(n, nb, G).max(axis=1)  # [n, G] one pass over z
+    if nb * G < V:
+        gmax = np.concatenate([gmax, z[:, nb * G:].max(axis=1, keepdims=True)], axis=1)  # the tail
+    kk = min(k, gmax.shape[1])
+    thr = np.partition(gmax, gmax.shape[1] - kk, axis=1)[:, -kk]  # [n] k-th largest column maximum
+    flat = np.flatnonzero(z >= thr[:, None])  # candidates, row-major
+    rows, ids = np.divmod(flat, V)
+    vals = z.reshape(-1)[flat]
+    order = np.lexsort((ids, -vals, rows))  # by row, then value desc, then id asc
+    start = np.searchsorted(rows[order], np.arange(n))  # each row's first candidate
+    pick = order[start[:, None] + np.arange(k)]  # [n, k]
+    return ids[pick].astype(np.int64), vals[pick], gmax.max(axis=1)
 
 
 def reduce_numpy(z: np.ndarray, targets: np.ndarray, k: int, e: np.ndarray, b: np.ndarray) -> dict:
@@ -299,7 +291,7 @@ def reduce_numpy(z: np.ndarray, targets: np.ndarray, k: int, e: np.ndarray, b: n
         if len(rows) == 0:
             continue
         np.greater(z[rows] if len(rows) < n else z, t[rows, j, None], out=b[:len(rows)])
-        ranks[rows, j] = 1 + np.count_nonzero(b[:len(rows)], axis=1)
+        ranks[rows, j] = [1 + np.count_nonzero(b[i]) for i in range(len(rows))]  # 1-D counts are fast
     np.subtract(z, m[:, None], out=z)  # z - max, <= 0
     np.exp(z, out=e)
     out = {"top_ids": top_ids, "top_logits": top_vals, "target_logits": t, "ranks": ranks,
@@ -307,30 +299,48 @@ def reduce_numpy(z: np.ndarray, targets: np.ndarray, k: int, e: np.ndarray, b: n
     return _finish(out)
 
 
-def _reduce_chunk(z, targets, k: int, pool) -> dict:
-    """Reduce a ``[C, V]`` block: NumPy in cache-sized slices (on a thread pool if given), else plain."""
+def _reduce_chunk(z, targets, k: int, pool, scratch=None) -> dict:
+    """Reduce a ``[C, V]`` block: NumPy in cache-sized slices (on a thread pool if given), else plain.
+
+    ``scratch``: one ``(float32, bool)`` pair of ``[SUB, V]`` buffers per worker, reused across calls
+    (fresh memory costs page faults on every first touch; reusing it keeps the reductions fast).
+    """
     if not isinstance(z, np.ndarray):
         return reduce_plain(z, targets, k)
     C, V = z.shape
     slices = [slice(i, min(i + SUB, C)) for i in range(0, C, SUB)]
     parts = [slices[0::2], slices[1::2]] if pool is not None else [slices]
+    scratch = scratch or _scratch(len(parts), V)
 
-    def work(part):  # each worker has its own scratch buffers
-        e, b = np.empty((SUB, V), np.float32), np.empty((SUB, V), bool)
-        return [(s, reduce_numpy(z[s], targets[s], k, e[:s.stop - s.start], b[:s.stop - s.start])) for s in part]
+    def work(w):
+        e, b = scratch[w]
+        return [(s, reduce_numpy(z[s], targets[s], k, e[:s.stop - s.start], b[:s.stop - s.start])) for s in parts[w]]
 
-    done = pool.map(work, parts) if pool is not None else map(work, parts)
+    done = pool.map(work, range(len(parts))) if pool is not None else map(work, range(len(parts)))
     results = sorted((r for part in done for r in part), key=lambda r: r[0].start)
     return {key: np.concatenate([r[1][key] for r in results]) for key in results[0][1]}
 
 
-def anchor(hat, W_unT, W_un, pool=None):
+def _scratch(workers: int, V: int) -> list:
+    return [(np.empty((SUB, V), np.float32), np.empty((SUB, V), bool)) for _ in range(workers)]
+
+
+def _product(x, W_T, buf):
+    """``x @ W_T`` (``[n, D] @ [D, V]``), into the reusable NumPy buffer ``buf`` when there is one."""
+    if buf is None or not isinstance(x, np.ndarray):
+        return x @ W_T
+    out = buf[:x.shape[0]]
+    np.matmul(x, W_T, out=out)
+    return out
+
+
+def anchor(hat, W_unT, W_un, pool=None, buf=None):
     """Final or input distribution of a chunk from its decoder input ``hat [C, D]``.
 
     Returns ``(top1 [C], lse [C] float64, u [C, D] float64)`` with ``u = p @ W`` for the KL identity.
     """
     xp = namespace(hat)
-    z = hat @ W_unT  # [C, V]
+    z = _product(hat, W_unT, buf)  # [C, V]
     top1 = xp.argmax(z, axis=1)  # first maximum: ties -> lower id
 
     def softmax_(z):  # in place: z becomes p; returns log-sum-exp [n]
@@ -414,23 +424,28 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
     top_probs = np.empty((R, Wn, k), np.float64)
     final_ids = np.empty(Wn, np.int64)
     n_threads = threads if threads is not None else min(2, os.cpu_count() or 1)
-    pool = ThreadPoolExecutor(n_threads) if (n_threads > 1 and isinstance(trace.resid, np.ndarray)) else None
+    on_numpy = isinstance(trace.resid, np.ndarray)
+    pool = ThreadPoolExecutor(n_threads) if (n_threads > 1 and on_numpy) else None
+    # NumPy: every [chunk, V] buffer is allocated once and reused (about 4 x 51 MB for GPT-2 at chunk 256)
+    C = min(chunk, Wn)
+    zbufs = [np.empty((C, V), np.float32) for _ in range(2)] if on_numpy else None
+    lead = ThreadPoolExecutor(1) if pool is not None else None  # runs one row's reductions at a time
+    abuf = np.empty((C, V), np.float32) if on_numpy else None
+    scratch = _scratch(2 if pool is not None else 1, V) if on_numpy else None
     try:
         for c0 in range(0, Wn, chunk):
             c1 = min(c0 + chunk, Wn)
             a, b = start + c0, start + c1
             # the final stream is read by the decoder's normalisation alone: the model already ran its blocks
             final_hat = decoder_norm(model, trace.resid[L, a:b, :], norm)  # [C, D]
-            final_ids[c0:c1], f_lse, f_u = anchor(final_hat, W_unT, W_un, pool)
+            final_ids[c0:c1], f_lse, f_u = anchor(final_hat, W_unT, W_un, pool, abuf)
             in_hat = input_hat[c0:c1, :]
-            _, i_lse, i_u = anchor(in_hat, W_unT, W_un, pool)
+            _, i_lse, i_u = anchor(in_hat, W_unT, W_un, pool, abuf)
             anchors = (("kl_final", to_numpy(final_hat).astype(np.float64), f_lse, f_u),
                        ("kl_input", to_numpy(in_hat).astype(np.float64), i_lse, i_u))
             targets = np.stack([final_ids[c0:c1], ids[a:b], nxt[c0:c1]], axis=1)  # [C, 3]
             targets = targets if isinstance(trace.resid, np.ndarray) else xp.asarray(targets)
-            for r, row in enumerate(rows):
-                xh = cached[row][c0:c1, :] if decoder_blocks else read(row[1], row[2], a, b)  # [C, D]
-                red = _reduce_chunk(xh @ W_unT, targets, k, pool)  # the one large product, [C, V]
+            def store(r, xh, red):  # one row's reductions -> the result arrays
                 lse = red["lse"]
                 xh64 = to_numpy(xh).astype(np.float64)
                 for key, a_hat, a_lse, a_u in anchors:
@@ -447,9 +462,24 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
                 res["next_rank"][r, c0:c1] = np.where(has_next, red["ranks"][:, 2], -1)
                 res["next_prob"][r, c0:c1] = np.where(has_next, np.exp(logp_next), np.nan)
                 res["next_xent"][r, c0:c1] = np.where(has_next, -logp_next, np.nan)
+
+            pending = None  # NumPy: row r's reductions run on the pool while row r + 1's product runs
+            for r, row in enumerate(rows):
+                xh = cached[row][c0:c1, :] if decoder_blocks else read(row[1], row[2], a, b)  # [C, D]
+                z = _product(xh, W_unT, zbufs[r % 2] if zbufs else None)  # [C, V] the one large product
+                if pending is not None:
+                    store(*pending[:2], pending[2].result())
+                    pending = None
+                if lead is None:
+                    store(r, xh, _reduce_chunk(z, targets, k, pool, scratch))
+                else:
+                    pending = (r, xh, lead.submit(_reduce_chunk, z, targets, k, pool, scratch))
+            if pending is not None:
+                store(*pending[:2], pending[2].result())
     finally:
-        if pool is not None:
-            pool.shutdown()
+        for executor in (lead, pool):
+            if executor is not None:
+                executor.shutdown()
 
     match = top_ids[:, :, 0] == final_ids[None, :]  # [R, W]
     # first row from which every later row matches: R minus the length of the matching tail
