@@ -425,18 +425,31 @@ def bench_load(folder: Path, repeats: int) -> dict:
 
 
 def bench_lens(folder: Path, T: int, repeats: int) -> dict | None:
-    """HOOK (lens): gpt2np's complete lens (all views of the post) against a straightforward torch
-    lens (ln_f and the unembedding on every hidden state, softmax, KL, ranks) at T; time and the
-    fraction of NumPy's own matrix-product throughput on the same shapes. None until wired: add a
-    "lens" task to ``_prepare`` for both implementations and time it with ``alternate(workers,
-    "lens", T, repeats)`` as ``bench_forward`` does."""
-    return None
+    """gpt2np's complete lens (every quantity of every view) against a straightforward torch lens
+    (scripts/bench_lens.py: ln_f and the unembedding on every stacked hidden state, log_softmax, KL,
+    ranks, top-k) at T, each in a fresh process; time, extra memory above the forward pass, and the
+    fraction of NumPy's own matrix-product throughput on the lens's shapes."""
+    from bench_lens import bench_lens as run
+
+    print(f"{folder.name}: lens T={T} (gpt2np, torch lens, NumPy matmul) ...", flush=True)
+    res = run(folder, T, repeats, sublayers=False, torch=True)
+    g, t = res["gpt2np"], res["torch"]
+    return {"gpt2np_s": g["seconds"], "torch_s": t["seconds"], "speedup": g["speedup_vs_torch"],
+            "gpt2np_extra_mib": g["extra_bytes"] / 2**20, "torch_extra_mib": t["extra_bytes"] / 2**20,
+            "memory_fraction": g["memory_fraction_of_torch"], "gflops": g["gflops"],
+            "numpy_matmul_gflops": res["matmul"]["gflops"], "blas_efficiency": g["matmul_fraction"]}
 
 
 def bench_lens_memory(folder: Path, T: int) -> dict | None:
-    """HOOK (lens): peak memory of each lens at T (each in a fresh process), and the gpt2-xl-shaped
-    full lens with sub-rows at T = 1024 against the 24 GiB budget. None until wired."""
-    return None
+    """The full lens with sub-rows at T (gpt2np only; the torch lens has no sub-rows): time, extra
+    memory above the forward pass, and the whole process's peak (weights, trace and lens)."""
+    from bench_lens import bench_lens as run
+
+    print(f"{folder.name}: lens with sub-rows T={T} ...", flush=True)
+    res = run(folder, T, 1, sublayers=True, torch=False)
+    g = res["gpt2np"]
+    return {"rows": g["rows"], "seconds": g["seconds"], "extra_mib": g["extra_bytes"] / 2**20,
+            "peak_gib": g["peak_bytes"] / 2**30, "gflops": g["gflops"], "blas_efficiency": g["matmul_fraction"]}
 
 
 def bench_generation(folder: Path, n_new: int, repeats: int) -> dict | None:
@@ -516,6 +529,19 @@ def report(results: dict) -> str:
                              f"{x['peak_bytes'] / 1e9:>9.2f}{x['peak_over_file']:>11.2f}"
                              f"{x['with_first_forward_median_s']:>17.2f}{x['with_first_forward_peak_bytes'] / 1e9:>9.2f}")
         lines.append("")
+    for shape, x in results.get("lens", {}).items():
+        if x:
+            lines.append(f"lens T=1024 {shape} (all quantities, 13 rows): gpt2np {x['gpt2np_s']:.2f} s, torch lens "
+                         f"{x['torch_s']:.2f} s, ratio {x['speedup']:.2f}x; extra memory {x['gpt2np_extra_mib']:.0f} MiB "
+                         f"vs {x['torch_extra_mib']:.0f} MiB; {x['gflops']:.0f} GFLOP/s = {x['blas_efficiency']:.0%} "
+                         f"of NumPy's matmul ({x['numpy_matmul_gflops']:.0f} GFLOP/s)")
+    for shape, x in results.get("lens_memory", {}).items():
+        if x:
+            lines.append(f"lens T=1024 {shape} with sub-rows ({x['rows']} rows): {x['seconds']:.1f} s, "
+                         f"{x['gflops']:.0f} GFLOP/s = {x['blas_efficiency']:.0%} of NumPy's matmul, extra memory "
+                         f"{x['extra_mib']:.0f} MiB, process peak {x['peak_gib']:.2f} GiB")
+    if results.get("lens") or results.get("lens_memory"):
+        lines.append("")
     gen = results.get("generation")
     if gen:
         lines.append(f"generation (greedy, {gen['prompt_tokens']}-token prompt + {gen['new_tokens']} new): "
@@ -572,7 +598,8 @@ def main(argv=None) -> None:
             print(f"{shape}: forward ...", flush=True)
             results["forward"][shape] = bench_forward(folder, seq, repeats, plain=a.plain)
         if "lens" not in skip:
-            results["lens"][shape] = bench_lens(folder, 1024, repeats)
+            if shape == "gpt2":  # the torch lens at gpt2-xl shape would need over 30 GB: not on this machine
+                results["lens"][shape] = bench_lens(folder, 1024, repeats)
             results["lens_memory"][shape] = bench_lens_memory(folder, 1024)
     if "generation" not in skip and "gpt2" in shapes:
         print("gpt2: generation ...", flush=True)

@@ -78,7 +78,8 @@ def _worker(kind: str, path: str, T: int, sublayers: bool, repeats: int) -> dict
     else:
         run = _torch_lens(path, ids, sublayers)
     run()  # warm-up
-    times, extra = [], []
+    out["forward_peak_bytes"] = _hwm_kib() * 1024  # the process so far: weights, trace, one lens
+    times, extra, peaks = [], [], []
     for _ in range(repeats):
         base = _rss_kib()
         _reset_peak()
@@ -86,10 +87,12 @@ def _worker(kind: str, path: str, T: int, sublayers: bool, repeats: int) -> dict
         lens = run()
         times.append(time.perf_counter() - t)
         extra.append((_hwm_kib() - base) * 1024)
+        peaks.append(_hwm_kib() * 1024)
         del lens
     out["seconds"] = statistics.median(times)
     out["times"] = times
     out["extra_bytes"] = max(extra)
+    out["peak_bytes"] = max([out["forward_peak_bytes"], *peaks])  # whole process, all of it included
     if kind == "gpt2np":
         R = len(gpt2np.lens.select_rows(model.config.n_layer, sublayers=sublayers))
         # one [T, D] @ [D, V] product per row, plus 4 per chunk for the final and input anchors
