@@ -248,6 +248,11 @@ def _finish(out: dict) -> dict:
     return out
 
 
+def _columns(V: int) -> int:
+    """Column count G of the top-k threshold: 1024, or V // 16 for small vocabularies."""
+    return min(1024, max(1, V // 16))
+
+
 def _topk_candidates(z: np.ndarray, k: int):
     """Exact top-k of each row of ``z [n, V]`` without a full partition (NumPy path).
 
@@ -257,13 +262,12 @@ def _topk_candidates(z: np.ndarray, k: int):
     Returns ``(top_ids [n, k] int64, top_logits [n, k], max [n])``.
     """
     n, V = z.shape
-    G = min(1024, max(1, V // 16))
+    G = _columns(V)
     nb = V // G
     gmax = z[:, :nb * G].reshape(n, nb, G).max(axis=1)  # [n, G] one pass over z
     if nb * G < V:
         gmax = np.concatenate([gmax, z[:, nb * G:].max(axis=1, keepdims=True)], axis=1)  # the tail
-    kk = min(k, gmax.shape[1])
-    thr = np.partition(gmax, gmax.shape[1] - kk, axis=1)[:, -kk]  # [n] k-th largest column maximum
+    thr = np.partition(gmax, gmax.shape[1] - k, axis=1)[:, -k]  # [n] k-th largest column maximum
     flat = np.flatnonzero(z >= thr[:, None])  # candidates, row-major
     rows, ids = np.divmod(flat, V)
     vals = z.reshape(-1)[flat]
@@ -279,7 +283,7 @@ def reduce_numpy(z: np.ndarray, targets: np.ndarray, k: int, e: np.ndarray, b: n
     ``e`` (float32) and ``b`` (bool) are scratch buffers of z's shape. ``z`` is overwritten.
     """
     n, V = z.shape
-    if k > V // 2:  # small vocabularies or huge k: the plain path is as fast
+    if k > _columns(V):  # the threshold needs k column maxima; so large a k is rare: the plain path
         return reduce_plain(z, targets, k)
     top_ids, top_vals, m = _topk_candidates(z, k)
     t = np.take_along_axis(z, np.clip(targets, 0, None), axis=1)  # [n, J]
