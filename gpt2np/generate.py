@@ -162,6 +162,18 @@ def pick(logits, rng: np.random.Generator, *, temperature: float = 1.0, top_k: i
     return int(rng.choice(probs.shape[0], p=probs))
 
 
+def check_request(config: Config, T: int, max_new_tokens: int, *, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None) -> None:
+    """Raise if a generation of ``max_new_tokens`` after ``T`` prompt tokens cannot run as asked."""
+    _check_sampling(temperature, top_k, top_p)
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be a whole number >= 0")
+    if T + max_new_tokens > config.n_positions:
+        raise ValueError(f"a prompt of {T} tokens plus {max_new_tokens} new tokens exceeds the context of "
+                         f"{config.n_positions} positions: at most {max(config.n_positions - T, 0)} new "
+                         "tokens can be generated; ask for fewer or shorten the prompt")
+
+
 def stream(params: Params, config: Config, ids, max_new_tokens: int, *, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
            stop_at_eot: bool = False, eot_id: int | None = None):
@@ -169,16 +181,9 @@ def stream(params: Params, config: Config, ids, max_new_tokens: int, *, temperat
 
     Arguments are checked here, before anything runs; see ``generate`` for their meaning.
     """
-    _check_sampling(temperature, top_k, top_p)
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be a whole number >= 0")
     xp = namespace(params.wte)
     ids = xp.asarray(ids)
-    T = ids.shape[0]
-    if T + max_new_tokens > config.n_positions:
-        raise ValueError(f"a prompt of {T} tokens plus {max_new_tokens} new tokens exceeds the context of "
-                         f"{config.n_positions} positions: at most {max(config.n_positions - T, 0)} new "
-                         "tokens can be generated; ask for fewer or shorten the prompt")
+    check_request(config, ids.shape[0], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     eot = config.vocab_size - 1 if eot_id is None else int(eot_id)
     return _tokens(params, config, ids, int(max_new_tokens), np.random.default_rng(seed), temperature, top_k,
                    top_p, eot if stop_at_eot else None)

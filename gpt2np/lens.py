@@ -562,7 +562,7 @@ def record(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: 
     from . import generate as G
 
     ids = M.check_ids(ids, model.config)
-    G.stream(model.params, model.config, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    G.check_request(model.config, len(ids), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     return _record(model, ids, int(max_new_tokens), np.random.default_rng(seed), temperature, top_k, top_p,
                    model.config.vocab_size - 1 if stop_at_eot else None)
 
