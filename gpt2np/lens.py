@@ -415,7 +415,8 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
 
     # With decoder blocks, each row's prefix runs through them once: keep the [W, D] result.
     cached = {r: read(r[1], r[2], start, end) for r in rows} if decoder_blocks else {}
-    input_hat = read("resid", 0, start, end)  # [W, D] the input row through the whole decoder
+    input_row = ("input", "resid", 0)
+    input_hat = cached[input_row] if input_row in cached else read(*input_row[1:], start, end)  # [W, D]
 
     Wn, R = end - start, len(rows)
     nxt = np.full(Wn, -1, np.int64)
