@@ -470,6 +470,19 @@ the model still reads the whole text. Text longer than the context is an error, 
 }
 
 
+def _lens_options(p, when: str = "") -> None:
+    """The lens's row and decoder options (``gpt2np lens``; ``gpt2np generate --lens-out``)."""
+    p.add_argument("--step", type=_positive, default=1,
+                   help=f"{when}keep every STEP-th block row, counting back from the last (the post: 2)")
+    p.add_argument("--sublayers", action="store_true", help=f"{when}add the row after each block's attention (l.attn)")
+    p.add_argument("--no-input", action="store_true", help=f"{when}leave out the input (embedding) row")
+    p.add_argument("--norm", choices=("ln_f", "norm", "raw"), default="ln_f",
+                   help=f"{when}decoder normalisation: ln_f (the model's own, default), norm (without ln_f's gain "
+                        "and bias: the post's figures), raw (none)")
+    p.add_argument("--decoder-blocks", type=_nonnegative, default=0, metavar="K",
+                   help=f"{when}run the last K blocks inside the decoder (their rows are not shown)")
+
+
 def build_parser() -> Parser:
     fmt = argparse.RawDescriptionHelpFormatter
     common = Parser(add_help=False)
@@ -507,15 +520,7 @@ def build_parser() -> Parser:
     text_args(p)
     p.add_argument("--start", type=int, help="first position drawn (default 0; negative counts from the end)")
     p.add_argument("--end", type=int, help="one past the last position drawn (default: the end of the text)")
-    p.add_argument("--step", type=_positive, default=1,
-                   help="keep every STEP-th block row, counting back from the last (the post: 2)")
-    p.add_argument("--sublayers", action="store_true", help="add the row after each block's attention (l.attn)")
-    p.add_argument("--no-input", action="store_true", help="leave out the input (embedding) row")
-    p.add_argument("--norm", choices=("ln_f", "norm", "raw"), default="ln_f",
-                   help="decoder normalisation: ln_f (the model's own, default), norm (without ln_f's gain and "
-                        "bias: the post's figures), raw (none)")
-    p.add_argument("--decoder-blocks", type=_nonnegative, default=0, metavar="K",
-                   help="run the last K blocks inside the decoder (their rows are not shown)")
+    _lens_options(p)
     p.add_argument("--top-k", type=_positive, default=5, help="top tokens kept per cell in --save (default 5)")
     p.add_argument("--save", metavar="FILE", help="save the lens result (.npz or .json) for `gpt2np plot`")
     _figure_options(p)
@@ -535,12 +540,7 @@ def build_parser() -> Parser:
     p.add_argument("--no-prompt", action="store_true", help="print only the new text")
     p.add_argument("--lens-out", metavar="FILE", help="record the logit lens at every position that chose a new "
                    "token (from the cached computation) and save it (.npz or .json); draw it with `gpt2np plot`")
-    p.add_argument("--step", type=_positive, default=1, help="with --lens-out: keep every STEP-th block row")
-    p.add_argument("--sublayers", action="store_true", help="with --lens-out: add the l.attn rows")
-    p.add_argument("--no-input", action="store_true", help="with --lens-out: leave out the input row")
-    p.add_argument("--norm", choices=("ln_f", "norm", "raw"), default="ln_f", help="with --lens-out: the decoder")
-    p.add_argument("--decoder-blocks", type=_nonnegative, default=0, metavar="K",
-                   help="with --lens-out: run the last K blocks inside the decoder")
+    _lens_options(p, when="with --lens-out: ")
 
     p = command("score", cmd_score, "log-probability of each token, mean cross-entropy and perplexity", [model])
     text_args(p)
