@@ -4,7 +4,9 @@ Each row of the residual stream is read through the decoder (``ln_f`` then the t
 or a variant) and reduced, position by position, to a few numbers: top-k tokens, ranks, KL
 divergences, entropy, next-token statistics. The full ``[rows, T, V]`` array is never built: rows
 are read in chunks of positions, one large matrix product per (row, chunk), with the reductions
-right after it, so memory stays ``O(rows x T x k)`` plus one ``[chunk, V]`` buffer.
+right after it, so memory stays ``O(rows x T x k)`` plus four ``[chunk, V]`` buffers (NumPy; 206 MB
+for GPT-2 at the default chunk). The final and input rows are the KL anchors: their products are
+made once, first in each chunk.
 
 Numerics. Logits come from float32 products; log-sum-exp, entropy, KL and probabilities are
 finished in float64 per position. KL uses the identity (z = x_hat @ W.T, W the unembedding)
@@ -18,9 +20,11 @@ logits (ties count in the token's favour); top-k ties go to the lower token id.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -32,7 +36,6 @@ from .backend import namespace, to_numpy
 
 NORMS = ("ln_f", "norm", "raw")
 CHUNK = 256  # positions per matrix product: large enough for BLAS, [256, 50257] float32 = 51 MB
-SUB = 16  # positions per reduction step in the NumPy path: the [16, V] slice stays in cache
 
 
 @dataclass(frozen=True)
@@ -202,8 +205,9 @@ def run_blocks(model, x, first: int):
 
 # -------------------------------------------------------------------------------------------------
 # Reductions of one [n, V] block of logits. Both paths return the same dict of per-position arrays:
-#   top_ids [n, k] int64, top_logits [n, k] float32, lse [n] float64, entropy [n] float64,
-#   target_logits [n, J] float32, ranks [n, J] int64  (J targets per position; -1 = no target).
+#   top_ids [n, k] int64, top_logits [n, k] float32, lse [n] float64, s [n] float64 (the sum of
+#   exp(z - max)), entropy [n] float64, target_logits [n, J] float32, ranks [n, J] int64
+#   (J targets per position; -1 = no target).
 
 
 def top_k(z, k: int):
@@ -222,8 +226,12 @@ def top_k(z, k: int):
     return xp.stack(out, axis=1)  # [n, k]
 
 
-def reduce_plain(z, targets, k: int) -> dict:
-    """Array-API reduction (NumPy, CuPy, array_api_strict): the readable reference path."""
+def reduce_plain(z, targets, k: int, keep_exp: bool = False) -> dict:
+    """Array-API reduction (NumPy, CuPy, array_api_strict): the readable reference path.
+
+    With ``keep_exp`` the dict also holds ``exp``, the ``[n, V]`` array ``exp(z - max)`` (an anchor's
+    ``p @ W`` product reads it).
+    """
     xp = namespace(z)
     m = xp.max(z, axis=1, keepdims=True)  # [n, 1]
     zs = z - m  # [n, V] shifted, <= 0
@@ -235,12 +243,15 @@ def reduce_plain(z, targets, k: int) -> dict:
     ranks = 1 + xp.sum(xp.astype(z[:, None, :] > t[:, :, None], xp.int64), axis=2)  # [n, J]
     out = {"top_ids": order, "top_logits": xp.take_along_axis(z, order, axis=1), "target_logits": t,
            "ranks": ranks, "s": s, "ez": ez, "m": m[:, 0]}
-    out = {key: to_numpy(v) for key, v in out.items()}
-    return _finish(out)
+    out = _finish({key: to_numpy(v) for key, v in out.items()})
+    if keep_exp:
+        out["exp"] = e
+    return out
 
 
 def _finish(out: dict) -> dict:
-    s, m = out.pop("s").astype(np.float64), out.pop("m").astype(np.float64)
+    s, m = out["s"].astype(np.float64), out.pop("m").astype(np.float64)
+    out["s"] = s
     out["lse"] = m + np.log(s)
     out["entropy"] = np.log(s) - out.pop("ez").astype(np.float64) / s
     out["top_ids"] = out["top_ids"].astype(np.int64)
@@ -253,117 +264,149 @@ def _columns(V: int) -> int:
     return min(1024, max(1, V // 16))
 
 
-def _topk_candidates(z: np.ndarray, k: int):
-    """Exact top-k of each row of ``z [n, V]`` without a full partition (NumPy path).
+def _top_k_from_columns(z: np.ndarray, cmax: np.ndarray, k: int):
+    """Exact top-k of each row of ``z [n, V]`` from its column maxima ``cmax [n, G (+1)]`` (NumPy path).
 
-    The maxima of the columns of the view ``[n, V // G, G]`` (token ids j, j + G, ...) and of the
-    tail give a threshold, their k-th largest, that at least k logits reach; the few logits at or
-    above it (exact ties included) are sorted by value, then by lower id.
-    Returns ``(top_ids [n, k] int64, top_logits [n, k], max [n])``.
+    The view ``[n, V // G, G]`` puts token ids j, j + G, j + 2G, ... in column j; the ids past
+    ``V // G * G`` (the tail) count as one more column. The k-th largest column maximum is a threshold
+    at least k logits reach, and every logit that reaches it lies in a column whose maximum does, or in
+    the tail: those few columns are gathered, and their logits at or above the threshold (exact ties
+    included) sorted by value, then by lower id. Returns ``(top_ids [n, k] int64, top_logits [n, k])``.
     """
     n, V = z.shape
     G = _columns(V)
     nb = V // G
-    gmax = z[:, :nb * G].reshape(n, nb, G).max(axis=1)  # [n, G] one pass over z
-    if nb * G < V:
-        gmax = np.concatenate([gmax, z[:, nb * G:].max(axis=1, keepdims=True)], axis=1)  # the tail
-    thr = np.partition(gmax, gmax.shape[1] - k, axis=1)[:, -k]  # [n] k-th largest column maximum
-    flat = np.flatnonzero(z >= thr[:, None])  # candidates, row-major
-    rows, ids = np.divmod(flat, V)
-    vals = z.reshape(-1)[flat]
+    body = z[:, :nb * G].reshape(n, nb, G)  # [n, nb, G] a view
+    tail = z[:, nb * G:]  # [n, V - nb * G]
+    thr = np.partition(cmax, cmax.shape[1] - k, axis=1)[:, -k]  # [n] k-th largest column maximum
+    rows, cols = np.nonzero(cmax[:, :G] >= thr[:, None])  # the columns that reach it
+    vals = body[rows, :, cols].reshape(-1)  # [P * nb] their logits
+    ids = (cols[:, None] + G * np.arange(nb)).reshape(-1)
+    rows = np.repeat(rows, nb)
+    if tail.shape[1]:
+        t_rows, t_cols = np.nonzero(tail >= thr[:, None])
+        rows, ids = np.concatenate([rows, t_rows]), np.concatenate([ids, nb * G + t_cols])
+        vals = np.concatenate([vals, tail[t_rows, t_cols]])
+    keep = vals >= thr[rows]
+    rows, ids, vals = rows[keep], ids[keep], vals[keep]
     order = np.lexsort((ids, -vals, rows))  # by row, then value desc, then id asc
     start = np.searchsorted(rows[order], np.arange(n))  # each row's first candidate
     pick = order[start[:, None] + np.arange(k)]  # [n, k]
-    return ids[pick].astype(np.int64), vals[pick], gmax.max(axis=1)
+    return ids[pick].astype(np.int64), vals[pick]
 
 
-def reduce_numpy(z: np.ndarray, targets: np.ndarray, k: int, e: np.ndarray, b: np.ndarray) -> dict:
-    """The same reduction as ``reduce_plain`` in few passes over ``z`` (NumPy only).
+def reduce_numpy(z: np.ndarray, targets: np.ndarray, k: int, e: np.ndarray | None, scratch: tuple) -> dict:
+    """The same reduction as ``reduce_plain``, row by row (NumPy only).
 
-    ``e`` (float32) and ``b`` (bool) are scratch buffers of z's shape. ``z`` is overwritten.
+    One row's ``[V]`` logits come from memory once and stay in the L2 cache through every pass:
+    the column maxima (for the top-k and the max), one comparison with the row's J target logits
+    and their counts, the shift, exp and two BLAS dot products. (The same passes over a whole
+    ``[16, V]`` block, one operation at a time, took 1.5 times as long: the block leaves the cache.)
+
+    ``z [n, V]`` is left as it is. ``e``: ``None``, or float32 ``[n, V]`` that receives
+    ``exp(z - max)`` (an anchor's ``p @ W`` reads it). ``scratch``: float32 ``[V]`` twice and bool
+    ``[J, V]``, reused.
     """
     n, V = z.shape
     if k > _columns(V):  # the threshold needs k column maxima; so large a k is rare: the plain path
-        return reduce_plain(z, targets, k)
-    top_ids, top_vals, m = _topk_candidates(z, k)
-    t = np.take_along_axis(z, np.clip(targets, 0, None), axis=1)  # [n, J]
-    # rank = 1 + #(z > t): read off the top-k when t >= the k-th value, else count the row
-    ranks = 1 + (top_vals[:, None, :] > t[:, :, None]).sum(axis=2)  # [n, J]
-    need = t < top_vals[:, -1:]  # [n, J]
-    for j in range(t.shape[1]):
-        rows = np.flatnonzero(need[:, j])
-        if len(rows) == 0:
-            continue
-        np.greater(z[rows] if len(rows) < n else z, t[rows, j, None], out=b[:len(rows)])
-        ranks[rows, j] = [1 + np.count_nonzero(b[i]) for i in range(len(rows))]  # 1-D counts are fast
-    np.subtract(z, m[:, None], out=z)  # z - max, <= 0
-    np.exp(z, out=e)
+        out = reduce_plain(z, targets, k, keep_exp=e is not None)
+        if e is not None:
+            np.copyto(e, out.pop("exp"))
+        return out
+    d, e_row, b = scratch
+    J, G = targets.shape[1], _columns(V)
+    W = V // G * G  # ids in the [V // G, G] view; the rest is the tail
+    cmax = np.empty((n, G + (W < V)), z.dtype)  # [n, G (+1)] column maxima
+    if W < V:
+        cmax[:, G] = z[:, W:].max(axis=1)  # the tails: a few columns
+    t = np.take_along_axis(z, np.clip(targets, 0, None), axis=1)  # [n, J] target logits
+    ranks = np.empty((n, J), np.int64)
+    s, ez = np.empty(n, z.dtype), np.empty(n, z.dtype)
+    ones = np.ones(V, z.dtype)
+    for i in range(n):
+        zi, ci, ei = z[i], cmax[i], (e_row if e is None else e[i])
+        np.greater(zi, t[i, :, None], out=b)  # [J, V] first: a streaming read of the row (the cheapest way in)
+        np.max(zi[:W].reshape(-1, G), axis=0, out=ci[:G])
+        for j in range(J):
+            ranks[i, j] = 1 + np.count_nonzero(b[j])  # rank = 1 + #(z > t)
+        np.subtract(zi, ci.max(), out=d)  # z - max, <= 0
+        np.exp(d, out=ei)
+        s[i] = np.dot(ei, ones)  # BLAS: three times as fast as ei.sum()
+        ez[i] = np.dot(ei, d)  # E[z - max] * s
+    top_ids, top_vals = _top_k_from_columns(z, cmax, k)
     out = {"top_ids": top_ids, "top_logits": top_vals, "target_logits": t, "ranks": ranks,
-           "s": e.sum(axis=1), "ez": np.vecdot(e, z), "m": m}
+           "s": s, "ez": ez, "m": cmax.max(axis=1)}
     return _finish(out)
 
 
-def _reduce_chunk(z, targets, k: int, pool, scratch=None) -> dict:
-    """Reduce a ``[C, V]`` block: NumPy in cache-sized slices (on a thread pool if given), else plain.
+@dataclass(frozen=True)
+class _Work:
+    """The NumPy workspace of one lens call, allocated once and reused by every chunk.
 
-    ``scratch``: one ``(float32, bool)`` pair of ``[SUB, V]`` buffers per worker, reused across calls
-    (fresh memory costs page faults on every first touch; reusing it keeps the reductions fast).
+    With ``pool`` (``threads`` > 1, threadpoolctl installed), every matrix product is cut into column
+    blocks run by the pool's threads, each with single-threaded BLAS, and each row's reductions run
+    on one pool thread while the next product runs on the others (see ``_run``). The reductions take
+    a quarter as long as a product on one core; this way they cost about ``1 / threads`` of that.
+    (BLAS's own threads are no help here: they keep spinning for a while after every product, and
+    reductions run after a two-thread product went at half speed.)
     """
-    if not isinstance(z, np.ndarray):
-        return reduce_plain(z, targets, k)
-    C, V = z.shape
-    slices = [slice(i, min(i + SUB, C)) for i in range(0, C, SUB)]
-    parts = [slices[0::2], slices[1::2]] if pool is not None else [slices]
-    scratch = scratch or _scratch(len(parts), V)
 
-    def work(w):
-        e, b = scratch[w]
-        return [(s, reduce_numpy(z[s], targets[s], k, e[:s.stop - s.start], b[:s.stop - s.start])) for s in parts[w]]
-
-    done = pool.map(work, range(len(parts))) if pool is not None else map(work, range(len(parts)))
-    results = sorted((r for part in done for r in part), key=lambda r: r[0].start)
-    return {key: np.concatenate([r[1][key] for r in results]) for key in results[0][1]}
+    pool: ThreadPoolExecutor | None
+    threads: int
+    z: tuple  # two [C, V] float32 buffers: one row's logits are reduced while the next row's are made
+    e: tuple  # two [C, V] float32 buffers: exp(z - max) of the two anchors, for p @ W
+    scratch: tuple  # float32 [V], float32 [V], bool [J, V]: one row's reduction
 
 
-def _scratch(workers: int, V: int) -> list:
-    return [(np.empty((SUB, V), np.float32), np.empty((SUB, V), bool)) for _ in range(workers)]
+def _workspace(C: int, V: int, J: int, threads: int) -> tuple[_Work, object]:
+    """The NumPy workspace, and the context that keeps BLAS single-threaded while the pool runs."""
+    from .fast import _blas_controller  # threadpoolctl's view of BLAS, None when it is not installed
+
+    blas = _blas_controller() if threads > 1 else None
+    pooled = blas is not None and bool(blas.lib_controllers)
+    work = _Work(pool=ThreadPoolExecutor(threads) if pooled else None, threads=threads if pooled else 1,
+                 z=(np.empty((C, V), np.float32), np.empty((C, V), np.float32)),
+                 e=(np.empty((C, V), np.float32), np.empty((C, V), np.float32)),
+                 scratch=(np.empty(V, np.float32), np.empty(V, np.float32), np.empty((J, V), bool)))
+    return work, (blas.limit(limits=1) if pooled else nullcontext())
 
 
-def _product(x, W_T, buf):
-    """``x @ W_T`` (``[n, D] @ [D, V]``), into the reusable NumPy buffer ``buf`` when there is one."""
-    if buf is None or not isinstance(x, np.ndarray):
-        return x @ W_T
-    out = buf[:x.shape[0]]
-    np.matmul(x, W_T, out=out)
-    return out
+def _run(steps, work: _Work | None) -> None:
+    """Run ``steps``, an iterable of ``(product, reduce)``: ``product = (a, b, out)`` is ``a @ b`` (into
+    ``out`` when it is not None), and ``reduce`` is called with that result.
 
-
-def anchor(hat, W_unT, W_un, pool=None, buf=None):
-    """Final or input distribution of a chunk from its decoder input ``hat [C, D]``.
-
-    Returns ``(top1 [C], lse [C] float64, u [C, D] float64)`` with ``u = p @ W`` for the KL identity.
+    A step's reduction runs after the next step has been taken from the iterable and before the next
+    product completes, so a step may use what the reductions before the previous one left. Without a
+    pool that is all. With one, step i's reduction runs on one thread while step i + 1's product runs
+    in column blocks on every thread (the reduction is queued first; its thread takes the product's
+    remaining blocks when it is done).
     """
-    xp = namespace(hat)
-    z = _product(hat, W_unT, buf)  # [C, V]
-    top1 = xp.argmax(z, axis=1)  # first maximum: ties -> lower id
-
-    def softmax_(z):  # in place: z becomes p; returns log-sum-exp [n]
-        m = xp.max(z, axis=1, keepdims=True)  # [n, 1]
-        z -= m
-        if isinstance(z, np.ndarray):
-            np.exp(z, out=z)
+    pending = None  # the previous step's (reduce, result)
+    for (a, b, out), reduce in steps:
+        if work is None or work.pool is None:
+            if pending is not None:
+                pending[0](pending[1])
+            result = a @ b if out is None else np.matmul(a, b, out=out)
         else:
-            z = xp.exp(z)
-        s = xp.sum(z, axis=1, keepdims=True)  # [n, 1]
-        z /= s
-        return z, to_numpy(m).astype(np.float64)[:, 0] + np.log(to_numpy(s).astype(np.float64)[:, 0])
+            waiting = work.pool.submit(*pending) if pending is not None else None
+            n = 4 * work.threads  # more blocks than threads: the reducing thread takes fewer
+            bounds = [b.shape[1] * i // n for i in range(n + 1)]
+            for f in [work.pool.submit(np.matmul, a, b[:, p:q], out=out[:, p:q]) for p, q in zip(bounds, bounds[1:])]:
+                f.result()
+            if waiting is not None:
+                waiting.result()
+            result = out
+        pending = (reduce, result)
+    if pending is not None:
+        pending[0](pending[1])
 
-    if pool is not None and isinstance(z, np.ndarray):  # NumPy: the passes over [C, V] on both threads
-        half = (z.shape[0] + 1) // 2
-        lse = np.concatenate([r[1] for r in pool.map(softmax_, (z[:half], z[half:]))])
-    else:
-        z, lse = softmax_(z)
-    return to_numpy(top1).astype(np.int64), lse, to_numpy(z @ W_un).astype(np.float64)
+
+def _reduce(z, targets, k: int, work: _Work | None, anchor: int | None = None) -> dict:
+    """Reduce a ``[C, V]`` block of logits: NumPy row by row, else the plain path. For an anchor
+    (0: final, 1: input), ``exp(z - max)`` is kept: in ``work.e[anchor]``, or as ``exp`` in the result."""
+    if work is None:
+        return reduce_plain(z, targets, k, keep_exp=anchor is not None)
+    return reduce_numpy(z, targets, k, None if anchor is None else work.e[anchor][:z.shape[0]], work.scratch)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -387,14 +430,15 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
     norm : ``"ln_f"`` (ln_f with gain and bias, default), ``"norm"`` (normalisation only, the post's
         figures) or ``"raw"`` (no normalisation).
     decoder_blocks : run the last k blocks inside the decoder for every shown row; their rows are dropped.
-    chunk : positions per matrix product. threads : reduction threads (NumPy; default: CPU count, max 2).
+    chunk : positions per matrix product. threads : NumPy threads for the products and reductions
+        (default: CPU count, at most 2).
 
     Returns
     -------
     Lens
     """
     cfg = model.config
-    L, T, V = cfg.n_layer, int(trace.resid.shape[1]), cfg.vocab_size
+    L, T, V, D = cfg.n_layer, int(trace.resid.shape[1]), cfg.vocab_size, cfg.n_embd
     end = T if end is None else end
     _check(trace, k=k, step=step, sublayers=sublayers, start=start, end=end, T=T, L=L, V=V, norm=norm,
            decoder_blocks=decoder_blocks, include_input=include_input, chunk=chunk)
@@ -417,6 +461,10 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
     cached = {r: read(r[1], r[2], start, end) for r in rows} if decoder_blocks else {}
     input_row = ("input", "resid", 0)
     input_hat = cached[input_row] if input_row in cached else read(*input_row[1:], start, end)  # [W, D]
+    # The anchors' logits are those of two rows when these are shown: the input row, and the last
+    # block's row when no decoder blocks run (the final stream read the same way). Not computed twice.
+    r_input = rows.index(input_row) if input_row in rows else None
+    r_final = next((r for r, row in enumerate(rows) if row[1:] == ("resid", L)), None) if not decoder_blocks else None
 
     Wn, R = end - start, len(rows)
     nxt = np.full(Wn, -1, np.int64)
@@ -429,62 +477,73 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
     top_probs = np.empty((R, Wn, k), np.float64)
     final_ids = np.empty(Wn, np.int64)
     n_threads = threads if threads is not None else min(2, os.cpu_count() or 1)
-    on_numpy = isinstance(trace.resid, np.ndarray)
-    pool = ThreadPoolExecutor(n_threads) if (n_threads > 1 and on_numpy) else None
-    # NumPy: every [chunk, V] buffer is allocated once and reused (about 4 x 51 MB for GPT-2 at chunk 256)
-    C = min(chunk, Wn)
-    zbufs = [np.empty((C, V), np.float32) for _ in range(2)] if on_numpy else None
-    lead = ThreadPoolExecutor(1) if pool is not None else None  # runs one row's reductions at a time
-    abuf = np.empty((C, V), np.float32) if on_numpy else None
-    scratch = _scratch(2 if pool is not None else 1, V) if on_numpy else None
-    try:
-        for c0 in range(0, Wn, chunk):
-            c1 = min(c0 + chunk, Wn)
-            a, b = start + c0, start + c1
-            # the final stream is read by the decoder's normalisation alone: the model already ran its blocks
-            final_hat = decoder_norm(model, trace.resid[L, a:b, :], norm)  # [C, D]
-            final_ids[c0:c1], f_lse, f_u = anchor(final_hat, W_unT, W_un, pool, abuf)
-            in_hat = input_hat[c0:c1, :]
-            _, i_lse, i_u = anchor(in_hat, W_unT, W_un, pool, abuf)
-            anchors = (("kl_final", to_numpy(final_hat).astype(np.float64), f_lse, f_u),
-                       ("kl_input", to_numpy(in_hat).astype(np.float64), i_lse, i_u))
-            targets = np.stack([final_ids[c0:c1], ids[a:b], nxt[c0:c1]], axis=1)  # [C, 3]
-            targets = targets if isinstance(trace.resid, np.ndarray) else xp.asarray(targets)
-            def store(r, xh, red):  # one row's reductions -> the result arrays
-                lse = red["lse"]
-                xh64 = to_numpy(xh).astype(np.float64)
-                for key, a_hat, a_lse, a_u in anchors:
-                    kl = (lse - a_lse) - np.einsum("cd,cd->c", xh64 - a_hat, a_u)
-                    res[key][r, c0:c1] = np.maximum(kl, 0.0)  # KL >= 0; rounding can give -1e-7
-                top_ids[r, c0:c1] = red["top_ids"]
-                top_logits[r, c0:c1] = red["top_logits"]
-                top_probs[r, c0:c1] = np.exp(red["top_logits"].astype(np.float64) - lse[:, None])
-                res["entropy"][r, c0:c1] = red["entropy"]
-                res["final_rank"][r, c0:c1] = red["ranks"][:, 0]
-                res["input_rank"][r, c0:c1] = red["ranks"][:, 1]
-                has_next = nxt[c0:c1] >= 0
-                logp_next = red["target_logits"][:, 2].astype(np.float64) - lse
-                res["next_rank"][r, c0:c1] = np.where(has_next, red["ranks"][:, 2], -1)
-                res["next_prob"][r, c0:c1] = np.where(has_next, np.exp(logp_next), np.nan)
-                res["next_xent"][r, c0:c1] = np.where(has_next, -logp_next, np.nan)
+    # NumPy: four [chunk, V] buffers (two of logits, two of the anchors' exponentials), allocated once
+    work, blas_limit = (_workspace(min(chunk, Wn), V, 3, n_threads) if isinstance(trace.resid, np.ndarray)
+                        else (None, nullcontext()))
+    flip = itertools.count()  # alternates the logits buffers: one is reduced while the next product fills the other
 
-            pending = None  # NumPy: row r's reductions run on the pool while row r + 1's product runs
-            for r, row in enumerate(rows):
+    def chunk_steps(c0: int, c1: int):
+        """The products of positions [c0, c1) of the window and their reductions, in order (see ``_run``):
+        the final and input anchors' logits, their ``p @ W``, then every other row."""
+        a, b, C = start + c0, start + c1, c1 - c0
+        z_buf = (lambda: None) if work is None else (lambda: work.z[next(flip) % 2][:C])
+        u_bufs = (None, None) if work is None else (np.empty((C, D), np.float32), np.empty((C, D), np.float32))
+        got = {}  # what the reductions leave for later steps: targets, the anchors' reductions, u = p @ W
+
+        def reduce_final(z):  # the final distribution first: its top-1 is a target of every row
+            final_ids[c0:c1] = to_numpy(xp.argmax(z, axis=1))  # first maximum: ties -> lower id
+            targets = np.stack([final_ids[c0:c1], ids[a:b], nxt[c0:c1]], axis=1)  # [C, 3]
+            got["targets"] = targets if work is not None else xp.asarray(targets)
+            got["final"] = _reduce(z, got["targets"], k, work, anchor=0)
+
+        def reduce_input(z):
+            got["input"] = _reduce(z, got["targets"], k, work, anchor=1)
+
+        def keep_u(name):  # u = p @ W = (exp(z - max) @ W) / s, float64
+            def keep(u):
+                got["u_" + name] = to_numpy(u).astype(np.float64) / got[name]["s"][:, None]
+                if name == "input":  # both anchors known: their own rows are done
+                    for r, xh in ((r_final, final_hat), (r_input, in_hat)):
+                        if r is not None:
+                            store(r, xh, got["final" if r == r_final else "input"])
+            return keep
+
+        def store(r, xh, red):  # one row's reductions -> the result arrays
+            lse, xh64 = red["lse"], to_numpy(xh).astype(np.float64)
+            for key, a_hat, name in (("kl_final", final64, "final"), ("kl_input", input64, "input")):
+                kl = (lse - got[name]["lse"]) - np.einsum("cd,cd->c", xh64 - a_hat, got["u_" + name])
+                res[key][r, c0:c1] = np.maximum(kl, 0.0)  # KL >= 0; rounding can give -1e-7
+            top_ids[r, c0:c1] = red["top_ids"]
+            top_logits[r, c0:c1] = red["top_logits"]
+            top_probs[r, c0:c1] = np.exp(red["top_logits"].astype(np.float64) - lse[:, None])
+            res["entropy"][r, c0:c1] = red["entropy"]
+            res["final_rank"][r, c0:c1] = red["ranks"][:, 0]
+            res["input_rank"][r, c0:c1] = red["ranks"][:, 1]
+            has_next = nxt[c0:c1] >= 0
+            logp_next = red["target_logits"][:, 2].astype(np.float64) - lse
+            res["next_rank"][r, c0:c1] = np.where(has_next, red["ranks"][:, 2], -1)
+            res["next_prob"][r, c0:c1] = np.where(has_next, np.exp(logp_next), np.nan)
+            res["next_xent"][r, c0:c1] = np.where(has_next, -logp_next, np.nan)
+
+        # the final stream is read by the decoder's normalisation alone: the model already ran its blocks
+        final_hat = decoder_norm(model, trace.resid[L, a:b, :], norm)  # [C, D]
+        in_hat = input_hat[c0:c1, :]
+        final64, input64 = to_numpy(final_hat).astype(np.float64), to_numpy(in_hat).astype(np.float64)
+        yield (final_hat, W_unT, z_buf()), reduce_final
+        yield (in_hat, W_unT, z_buf()), reduce_input
+        yield (got["final"].pop("exp") if work is None else work.e[0][:C], W_un, u_bufs[0]), keep_u("final")
+        yield (got["input"].pop("exp") if work is None else work.e[1][:C], W_un, u_bufs[1]), keep_u("input")
+        for r, row in enumerate(rows):
+            if r not in (r_final, r_input):  # the anchors' own rows are stored with u_input
                 xh = cached[row][c0:c1, :] if decoder_blocks else read(row[1], row[2], a, b)  # [C, D]
-                z = _product(xh, W_unT, zbufs[r % 2] if zbufs else None)  # [C, V] the one large product
-                if pending is not None:
-                    store(*pending[:2], pending[2].result())
-                    pending = None
-                if lead is None:
-                    store(r, xh, _reduce_chunk(z, targets, k, pool, scratch))
-                else:
-                    pending = (r, xh, lead.submit(_reduce_chunk, z, targets, k, pool, scratch))
-            if pending is not None:
-                store(*pending[:2], pending[2].result())
+                yield (xh, W_unT, z_buf()), (lambda z, r=r, xh=xh: store(r, xh, _reduce(z, got["targets"], k, work)))
+
+    try:
+        with blas_limit:
+            _run(itertools.chain.from_iterable(chunk_steps(c0, min(c0 + chunk, Wn)) for c0 in range(0, Wn, chunk)), work)
     finally:
-        for executor in (lead, pool):
-            if executor is not None:
-                executor.shutdown()
+        if work is not None and work.pool is not None:
+            work.pool.shutdown()
 
     match = top_ids[:, :, 0] == final_ids[None, :]  # [R, W]
     # first row from which every later row matches: R minus the length of the matching tail

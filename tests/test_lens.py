@@ -195,8 +195,15 @@ def test_lens_matches_full_float64_reference(case, opts):
 
 
 def test_small_chunks_and_one_thread_give_the_same_lens(case):
+    """Two threads (products in column blocks, each row reduced while the next product runs) against
+    one, and chunks that do not divide the window."""
+    from gpt2np.lens import _workspace
+
+    work, _ = _workspace(4, 100, 3, 2)
+    assert work.pool is not None, "threadpoolctl (a test dependency) should enable the two-thread path"
+    work.pool.shutdown()
     m, tr = case
-    a = logit_lens(m, tr, sublayers=True)
+    a = logit_lens(m, tr, sublayers=True, threads=2)
     for kw in ({"chunk": 7}, {"threads": 1}, {"chunk": 1, "threads": 1}):
         b = logit_lens(m, tr, sublayers=True, **kw)
         for q in EXACT:
@@ -419,7 +426,7 @@ def test_no_float64_block_arrays(case, monkeypatch):
     real_exp = np.exp
 
     def spy(x, *a, **kw):
-        if getattr(x, "ndim", 0) == 2 and x.shape[1] == V:
+        if getattr(x, "ndim", 0) in (1, 2) and x.shape[-1] == V:  # a [V] row or an [n, V] block
             seen.append(x.dtype)
         return real_exp(x, *a, **kw)
 
