@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from functools import partial
@@ -321,19 +322,21 @@ def reduce_numpy(z: np.ndarray, targets: np.ndarray, k: int, e: np.ndarray | Non
     if W < V:
         cmax[:, G] = z[:, W:].max(axis=1)  # the tails: a few columns
     t = np.take_along_axis(z, np.clip(targets, 0, None), axis=1)  # [n, J] target logits
-    ranks = np.empty((n, J), np.int64)
+    counts = np.empty((n, J), np.int64)
     s, ez = np.empty(n, z.dtype), np.empty(n, z.dtype)
     ones = np.ones(V, z.dtype)
-    for i in range(n):
-        zi, ci, ei = z[i], cmax[i], (e_row if e is None else e[i])
-        np.greater(zi, t[i, :, None], out=b)  # [J, V] first: a streaming read of the row (the cheapest way in)
-        np.max(zi[:W].reshape(-1, G), axis=0, out=ci[:G])
-        for j in range(J):
-            ranks[i, j] = 1 + np.count_nonzero(b[j])  # rank = 1 + #(z > t)
-        np.subtract(zi, ci.max(), out=d)  # z - max, <= 0
+    columns = z[:, :W].reshape(n, -1, G)  # [n, V // G, G]: column g holds ids g, g + G, ...
+    targets_b = list(b)  # J row views of b, made once
+    rows = zip(z, columns, cmax[:, :G], cmax, t[:, :, None], itertools.repeat(e_row) if e is None else e)
+    for i, (zi, ci, gi, mi, ti, ei) in enumerate(rows):  # views of row i; the loop makes no others
+        np.greater(zi, ti, out=b)  # [J, V] first: a streaming read of the row (the cheapest way in)
+        np.max(ci, axis=0, out=gi)
+        counts[i] = [np.count_nonzero(bj) for bj in targets_b]  # #(z > t)
+        np.subtract(zi, mi.max(), out=d)  # z - max, <= 0
         np.exp(d, out=ei)
         s[i] = np.dot(ei, ones)  # BLAS: three times as fast as ei.sum()
         ez[i] = np.dot(ei, d)  # E[z - max] * s
+    ranks = 1 + counts  # rank = 1 + #(z > t)
     top_ids, top_vals = _top_k_from_columns(z, cmax, k)
     out = {"top_ids": top_ids, "top_logits": top_vals, "target_logits": t, "ranks": ranks,
            "s": s, "ez": ez, "m": cmax.max(axis=1)}
@@ -379,19 +382,37 @@ def _run(steps, work: _Work | None) -> None:
     A step's reduction runs after the next step has been taken from the iterable and before the next
     product completes, so a step may use what the reductions before the previous one left. Without a
     pool that is all. With one, step i's reduction runs on one thread while step i + 1's product runs
-    in column blocks on every thread (the reduction is queued first; its thread takes the product's
-    remaining blocks when it is done).
+    on every thread, cut into one block per thread: the reducing thread's block is smaller by the
+    reduction's time, so that all threads finish together (the times come from the steps before;
+    equal blocks until then). Evenly cut, the threads waited up to one block for each other.
     """
     pending = None  # the previous step's (reduce, result)
+    took = {}  # seconds: "reduce" the last reduction; (a.shape, b.shape) one thread's time per unit of the cut
+
+    def timed(key, units, fn, *args, **kwargs):
+        t = time.perf_counter()
+        fn(*args, **kwargs)
+        if units:
+            took[key] = (time.perf_counter() - t) / units
+
     for (a, b, out), reduce in steps:
         if work is None or work.pool is None:
             if pending is not None:
                 pending[0](pending[1])
             result = a @ b if out is None else np.matmul(a, b, out=out)
         else:
-            waiting = work.pool.submit(*pending) if pending is not None else None
-            parts, finish = _blocks(a, b, out, 4 * work.threads)  # more blocks than threads: the reducing thread takes fewer
-            for f in [work.pool.submit(part) for part in parts]:
+            n, key = work.threads, (a.shape, b.shape)
+            length = max(b.shape)  # the product is cut along V: b's columns (logits) or rows (p @ W)
+            sizes = [length / n] * n
+            if pending is not None and took.get(key, 0) > 0 and "reduce" in took:
+                share = (length * took[key] + took["reduce"]) / n  # seconds per thread, all work included
+                sizes = [share / took[key]] * (n - 1) + [max(0.0, share - took["reduce"]) / took[key]]
+            bounds = [0] + [min(length, round(x)) for x in itertools.accumulate(sizes)]
+            bounds[-1] = length
+            parts, finish = _blocks(a, b, out, bounds)
+            waiting = work.pool.submit(timed, "reduce", 1, *pending) if pending is not None else None
+            # queued after the reduction: the last (smallest) block goes to the thread that reduced
+            for f in [work.pool.submit(timed, key, q - p, part) for (p, q), part in zip(zip(bounds, bounds[1:]), parts)]:
                 f.result()
             finish()
             if waiting is not None:
@@ -402,17 +423,16 @@ def _run(steps, work: _Work | None) -> None:
         pending[0](pending[1])
 
 
-def _blocks(a: np.ndarray, b: np.ndarray, out: np.ndarray, n: int):
-    """``out = a @ b`` as n independent products, and what finishes it: blocks of b's columns (the
-    logits, ``[C, D] @ [D, V]``), or, when b is taller than wide (``p @ W``, ``[C, V] @ [V, D]``), of
-    its rows, whose partial products are then summed (narrow column blocks ran 25% slower)."""
-    K, N = b.shape
-    if N >= K:
-        bounds = [N * i // n for i in range(n + 1)]
-        return [partial(np.matmul, a, b[:, p:q], out=out[:, p:q]) for p, q in zip(bounds, bounds[1:])], lambda: None
-    bounds = [K * i // n for i in range(n + 1)]
-    sums = np.empty((n, *out.shape), out.dtype)  # [n, C, D]
-    return ([partial(np.matmul, a[:, p:q], b[p:q], out=sums[i]) for i, (p, q) in enumerate(zip(bounds, bounds[1:]))],
+def _blocks(a: np.ndarray, b: np.ndarray, out: np.ndarray, bounds: list[int]):
+    """``out = a @ b`` as independent products, one per block ``bounds[i]:bounds[i + 1]`` of V, and
+    what finishes it: blocks of b's columns (the logits, ``[C, D] @ [D, V]``), or, when b is taller than
+    wide (``p @ W``, ``[C, V] @ [V, D]``), of its rows, whose partial products are then summed (narrow
+    column blocks of W ran 25% slower)."""
+    cuts = list(zip(bounds, bounds[1:]))
+    if b.shape[1] >= b.shape[0]:
+        return [partial(np.matmul, a, b[:, p:q], out=out[:, p:q]) for p, q in cuts], lambda: None
+    sums = np.zeros((len(cuts), *out.shape), out.dtype)  # [n, C, D]; an empty block leaves zeros
+    return ([partial(np.matmul, a[:, p:q], b[p:q], out=sums[i]) for i, (p, q) in enumerate(cuts)],
             lambda: np.sum(sums, axis=0, out=out))
 
 
