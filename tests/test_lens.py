@@ -405,17 +405,33 @@ def test_lens_memory_is_bounded(make_checkpoint):
     m = gpt2np.load(make_checkpoint(cfg, seed=1))
     tr = m.forward(np.arange(256) % cfg.vocab_size, sublayers=True)
     chunk = 32
+    logit_lens(m, tr, sublayers=True, chunk=chunk)  # warm-up: imports, thread pools, allocator arenas
+    base = _resident_kib()
+    _reset_resident_peak()
     tracemalloc.start()
     try:
         lens = logit_lens(m, tr, sublayers=True, chunk=chunk)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+    resident_peak = (_resident_kib("VmHWM") - base) * 1024  # also sees the buffers mapped outside Python's heap
     R, T, V = len(lens.rows), 256, cfg.vocab_size
     full = R * T * V * 4  # what a naive lens would hold: 265 MB here
     per_chunk = chunk * V * 4  # one [chunk, V] float32 buffer: 2.6 MB
     assert peak < 8 * per_chunk + 200 * R * T * 8, (peak, per_chunk)  # + the O(R x T x k) results
     assert peak < full / 10
+    assert resident_peak < full / 10, (resident_peak, full)
+
+
+def _resident_kib(field: str = "VmRSS") -> int:
+    """This process's resident memory (or its peak, VmHWM) in KiB, from /proc (Linux, as CI)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_resident_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current resident size
+        f.write("5")
 
 
 def test_no_float64_block_arrays(case, monkeypatch):
