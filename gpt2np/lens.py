@@ -347,10 +347,10 @@ def reduce_numpy(z: np.ndarray, targets: np.ndarray, k: int, e: np.ndarray | Non
 class _Work:
     """The NumPy workspace of one lens call, allocated once and reused by every chunk.
 
-    With ``pool`` (``threads`` > 1, threadpoolctl installed), every matrix product is cut into column
-    blocks run by the pool's threads, each with single-threaded BLAS, and each row's reductions run
-    on one pool thread while the next product runs on the others (see ``_run``). The reductions take
-    a quarter as long as a product on one core; this way they cost about ``1 / threads`` of that.
+    With ``pool`` (``threads`` > 1, threadpoolctl installed), every matrix product is cut into one
+    block per thread, each thread's BLAS single-threaded, and each row's reductions run on one pool
+    thread while the next row's product runs (see ``_run``). For GPT-2 a row's reductions take about a
+    third of its product's time on two threads; beside the next product they cost about half of that.
     (BLAS's own threads are no help here: they keep spinning for a while after every product, and
     reductions run after a two-thread product went at half speed.)
     """
@@ -376,41 +376,44 @@ def _workspace(C: int, V: int, J: int, threads: int) -> tuple[_Work, object]:
 
 
 def _run(steps, work: _Work | None) -> None:
-    """Run ``steps``, an iterable of ``(product, reduce)``: ``product = (a, b, out)`` is ``a @ b`` (into
-    ``out`` when it is not None), and ``reduce`` is called with that result.
+    """Run ``steps``, an iterable of ``(product, reduce, kind)``: ``product = (a, b, out)`` is ``a @ b``
+    (into ``out`` when it is not None), and ``reduce`` is called with that result; ``kind`` names the
+    reduction (its time is measured by kind).
 
     A step's reduction runs after the next step has been taken from the iterable and before the next
     product completes, so a step may use what the reductions before the previous one left. Without a
     pool that is all. With one, step i's reduction runs on one thread while step i + 1's product runs
     on every thread, cut into one block per thread: the reducing thread's block is smaller by the
-    reduction's time, so that all threads finish together (the times come from the steps before;
-    equal blocks until then). Evenly cut, the threads waited up to one block for each other.
+    reduction's time, so that all threads finish together (the times are the fastest seen on the steps
+    before; equal blocks until then). Evenly cut, the threads waited up to one block for each other.
     """
     pending = None  # the previous step's (reduce, result)
-    took = {}  # seconds: "reduce" the last reduction; (a.shape, b.shape) one thread's time per unit of the cut
+    took = {}  # seconds: a reduction of each kind; one thread's product time per unit of the cut, by shapes
 
     def timed(key, units, fn, *args, **kwargs):
         t = time.perf_counter()
         fn(*args, **kwargs)
-        if units:
-            took[key] = (time.perf_counter() - t) / units
+        if units:  # the fastest seen: the first chunk's also pays for first touches of its buffers
+            took[key] = min(took.get(key, np.inf), (time.perf_counter() - t) / units)
 
-    for (a, b, out), reduce in steps:
+    for (a, b, out), reduce, kind in steps:
         if work is None or work.pool is None:
             if pending is not None:
                 pending[0](pending[1])
             result = a @ b if out is None else np.matmul(a, b, out=out)
         else:
             n, key = work.threads, (a.shape, b.shape)
+            r_key = pending[2] if pending is not None else None
             length = max(b.shape)  # the product is cut along V: b's columns (logits) or rows (p @ W)
             sizes = [length / n] * n
-            if pending is not None and took.get(key, 0) > 0 and "reduce" in took:
-                share = (length * took[key] + took["reduce"]) / n  # seconds per thread, all work included
-                sizes = [share / took[key]] * (n - 1) + [max(0.0, share - took["reduce"]) / took[key]]
+            if took.get(key, 0) > 0 and r_key in took:
+                r = took[r_key]
+                share = (length * took[key] + r) / n  # seconds per thread, all work included
+                sizes = [share / took[key]] * (n - 1) + [max(0.0, share - r) / took[key]]
             bounds = [0] + [min(length, round(x)) for x in itertools.accumulate(sizes)]
             bounds[-1] = length
             parts, finish = _blocks(a, b, out, bounds)
-            waiting = work.pool.submit(timed, "reduce", 1, *pending) if pending is not None else None
+            waiting = work.pool.submit(timed, r_key, 1, *pending[:2]) if pending is not None else None
             # queued after the reduction: the last (smallest) block goes to the thread that reduced
             for f in [work.pool.submit(timed, key, q - p, part) for (p, q), part in zip(zip(bounds, bounds[1:]), parts)]:
                 f.result()
@@ -418,7 +421,7 @@ def _run(steps, work: _Work | None) -> None:
             if waiting is not None:
                 waiting.result()
             result = out
-        pending = (reduce, result)
+        pending = (reduce, result, kind)
     if pending is not None:
         pending[0](pending[1])
 
@@ -564,14 +567,14 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
         final_hat = decoder_norm(model, trace.resid[L, a:b, :], norm)  # [C, D]
         in_hat = input_hat[c0:c1, :]
         final64, input64 = to_numpy(final_hat).astype(np.float64), to_numpy(in_hat).astype(np.float64)
-        yield (final_hat, W_unT, z_buf()), reduce_final
-        yield (in_hat, W_unT, z_buf()), reduce_input
-        yield (got["final"].pop("exp") if work is None else work.e[0][:C], W_un, u_bufs[0]), keep_u("final")
-        yield (got["input"].pop("exp") if work is None else work.e[1][:C], W_un, u_bufs[1]), keep_u("input")
+        yield (final_hat, W_unT, z_buf()), reduce_final, "final"
+        yield (in_hat, W_unT, z_buf()), reduce_input, "input"
+        yield (got["final"].pop("exp") if work is None else work.e[0][:C], W_un, u_bufs[0]), keep_u("final"), "u"
+        yield (got["input"].pop("exp") if work is None else work.e[1][:C], W_un, u_bufs[1]), keep_u("input"), "u"
         for r, row in enumerate(rows):
             if r not in (r_final, r_input):  # the anchors' own rows are stored with u_input
                 xh = cached[row][c0:c1, :] if decoder_blocks else read(row[1], row[2], a, b)  # [C, D]
-                yield (xh, W_unT, z_buf()), (lambda z, r=r, xh=xh: store(r, xh, _reduce(z, got["targets"], k, work)))
+                yield (xh, W_unT, z_buf()), (lambda z, r=r, xh=xh: store(r, xh, _reduce(z, got["targets"], k, work))), "row"
 
     try:
         with blas_limit:
