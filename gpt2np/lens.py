@@ -357,28 +357,29 @@ class _Work:
 
     pool: ThreadPoolExecutor | None
     threads: int
-    z: tuple  # two [C, V] float32 buffers: one row's logits are reduced while the next row's are made
-    e: tuple  # two [C, V] float32 buffers: exp(z - max) of the two anchors, for p @ W
+    z: tuple  # two float32 [rows, V] buffers: one product's logits are reduced while the next's are made
+    e: np.ndarray  # float32 [2C, V]: exp(z - max) of the final anchor, then of the input anchor, for p @ W
     scratch: tuple  # float32 [V], float32 [V], bool [J, V]: one row's reduction
 
 
-def _workspace(C: int, V: int, J: int, threads: int) -> tuple[_Work, object]:
+def _workspace(z_rows: int, e_rows: int, V: int, J: int, threads: int) -> tuple[_Work, object]:
     """The NumPy workspace, and the context that keeps BLAS single-threaded while the pool runs."""
     from .fast import _blas_controller, _empty_small_pages  # BLAS's thread control (None without threadpoolctl)
 
     blas = _blas_controller() if threads > 1 else None
     pooled = blas is not None and bool(blas.lib_controllers)
     work = _Work(pool=ThreadPoolExecutor(threads) if pooled else None, threads=threads if pooled else 1,
-                 z=tuple(_empty_small_pages((C, V), np.float32) for _ in range(2)),  # fast.py says why
-                 e=tuple(_empty_small_pages((C, V), np.float32) for _ in range(2)),
+                 z=tuple(_empty_small_pages((z_rows, V), np.float32) for _ in range(2)),  # fast.py says why
+                 e=_empty_small_pages((e_rows, V), np.float32),
                  scratch=(np.empty(V, np.float32), np.empty(V, np.float32), np.empty((J, V), bool)))
     return work, (blas.limit(limits=1) if pooled else nullcontext())
 
 
 def _run(steps, work: _Work | None) -> None:
-    """Run ``steps``, an iterable of ``(product, reduce, kind)``: ``product = (a, b, out)`` is ``a @ b``
-    (into ``out`` when it is not None), and ``reduce`` is called with that result; ``kind`` names the
-    reduction (its time is measured by kind).
+    """Run ``steps``, an iterable of ``(product, reduce, kind, after)``: ``product = (a, b, out)`` is
+    ``a @ b`` (into ``out`` when it is not None; ``a`` may be a function that returns it), and ``reduce``
+    is called with that result; ``kind`` names the reduction (its time is measured by kind); with
+    ``after``, the previous step's reduction is done before this product starts.
 
     A step's reduction runs after the next step has been taken from the iterable and before the next
     product completes, so a step may use what the reductions before the previous one left. Without a
@@ -396,7 +397,11 @@ def _run(steps, work: _Work | None) -> None:
         if units:  # the fastest seen: the first chunk's also pays for first touches of its buffers
             took[key] = min(took.get(key, np.inf), (time.perf_counter() - t) / units)
 
-    for (a, b, out), reduce, kind in steps:
+    for (a, b, out), reduce, kind, after in steps:
+        if after and pending is not None:  # this product reads what the pending reduction writes
+            pending[0](pending[1])
+            pending = None
+        a = a() if callable(a) else a
         if work is None or work.pool is None:
             if pending is not None:
                 pending[0](pending[1])
@@ -444,7 +449,15 @@ def _reduce(z, targets, k: int, work: _Work | None, anchor: int | None = None) -
     (0: final, 1: input), ``exp(z - max)`` is kept: in ``work.e[anchor]``, or as ``exp`` in the result."""
     if work is None:
         return reduce_plain(z, targets, k, keep_exp=anchor is not None)
-    return reduce_numpy(z, targets, k, None if anchor is None else work.e[anchor][:z.shape[0]], work.scratch)
+    C = z.shape[0]
+    return reduce_numpy(z, targets, k, None if anchor is None else work.e[anchor * C:(anchor + 1) * C], work.scratch)
+
+
+def _targets(targets: np.ndarray, n: int, xp, work: _Work | None):
+    """A chunk's ``[C, J]`` targets, repeated for n rows whose logits are stacked in one product, as an
+    array of the trace's namespace."""
+    t = targets if n == 1 else np.tile(targets, (n, 1))
+    return t if work is not None else xp.asarray(t)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -515,36 +528,51 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
     top_probs = np.empty((R, Wn, k), np.float64)
     final_ids = np.empty(Wn, np.int64)
     n_threads = threads if threads is not None else min(2, os.cpu_count() or 1)
-    # NumPy: four [chunk, V] buffers (two of logits, two of the anchors' exponentials), allocated once
-    work, blas_limit = (_workspace(min(chunk, Wn), V, 3, n_threads) if isinstance(trace.resid, np.ndarray)
+    C0 = min(chunk, Wn)  # positions per chunk
+    per = max(1, chunk // C0)  # rows per product: a window shorter than the chunk puts several rows in one
+    others = [r for r in range(R) if r not in (r_final, r_input)]  # rows that are not anchors
+    z_rows = C0 * max(min(per, 2), min(per, len(others)))
+    # NumPy: two buffers of logits ([chunk, V] at most) and one of the anchors' exponentials ([2 x chunk, V])
+    work, blas_limit = (_workspace(z_rows, 2 * C0, V, 3, n_threads) if isinstance(trace.resid, np.ndarray)
                         else (None, nullcontext()))
     flip = itertools.count()  # alternates the logits buffers: one is reduced while the next product fills the other
 
     def chunk_steps(c0: int, c1: int):
         """The products of positions [c0, c1) of the window and their reductions, in order (see ``_run``):
-        the final and input anchors' logits, their ``p @ W``, then every other row."""
+        the final and input anchors' logits, their ``p @ W``, then every other row. A product reads
+        the whole unembedding whatever its row count: with a short window, the two anchors share one,
+        and so do up to ``per`` rows."""
         a, b, C = start + c0, start + c1, c1 - c0
-        z_buf = (lambda: None) if work is None else (lambda: work.z[next(flip) % 2][:C])
-        u_bufs = (None, None) if work is None else (np.empty((C, D), np.float32), np.empty((C, D), np.float32))
-        got = {}  # what the reductions leave for later steps: targets, the anchors' reductions, u = p @ W
+        z_buf = (lambda n: None) if work is None else (lambda n: work.z[next(flip) % 2][:n])
+        got = {}  # what reductions leave for later steps: targets, the anchors' reductions, u = p @ W
 
-        def reduce_final(z):  # the final distribution first: its top-1 is a target of every row
-            final_ids[c0:c1] = to_numpy(xp.argmax(z, axis=1))  # first maximum: ties -> lower id
-            targets = np.stack([final_ids[c0:c1], ids[a:b], nxt[c0:c1]], axis=1)  # [C, 3]
-            got["targets"] = targets if work is not None else xp.asarray(targets)
-            got["final"] = _reduce(z, got["targets"], k, work, anchor=0)
+        def reduce_anchors(z):  # z: the final's [C, V] logits, or the final's then the input's [2C, V]
+            final_ids[c0:c1] = to_numpy(xp.argmax(z[:C, :], axis=1))  # first maximum: ties -> lower id
+            got["targets"] = np.stack([final_ids[c0:c1], ids[a:b], nxt[c0:c1]], axis=1)  # [C, 3]
+            got["final"] = _reduce(z[:C, :], _targets(got["targets"], 1, xp, work), k, work, anchor=0)
+            if z.shape[0] > C:
+                got["input"] = _reduce(z[C:, :], _targets(got["targets"], 1, xp, work), k, work, anchor=1)
 
         def reduce_input(z):
-            got["input"] = _reduce(z, got["targets"], k, work, anchor=1)
+            got["input"] = _reduce(z, _targets(got["targets"], 1, xp, work), k, work, anchor=1)
 
-        def keep_u(name):  # u = p @ W = (exp(z - max) @ W) / s, float64
+        def keep_u(names):  # u = p @ W = (exp(z - max) @ W) / s, float64, for the anchors named
             def keep(u):
-                got["u_" + name] = to_numpy(u).astype(np.float64) / got[name]["s"][:, None]
-                if name == "input":  # both anchors known: their own rows are done
+                u = to_numpy(u).astype(np.float64)
+                for j, name in enumerate(names):
+                    got["u_" + name] = u[j * C:(j + 1) * C] / got[name]["s"][:, None]
+                if "input" in names:  # both anchors known: their own rows are done
                     for r, xh in ((r_final, final_hat), (r_input, in_hat)):
                         if r is not None:
                             store(r, xh, got["final" if r == r_final else "input"])
             return keep
+
+        def reduce_rows(group):  # group: [(r, xh [C, D])], whose logits are stacked in one product
+            def reduce(z):
+                red = _reduce(z, _targets(got["targets"], len(group), xp, work), k, work)
+                for j, (r, xh) in enumerate(group):
+                    store(r, xh, {key: v[j * C:(j + 1) * C] for key, v in red.items()})
+            return reduce
 
         def store(r, xh, red):  # one row's reductions -> the result arrays
             lse, xh64 = red["lse"], to_numpy(xh).astype(np.float64)
@@ -563,18 +591,34 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
             res["next_prob"][r, c0:c1] = np.where(has_next, np.exp(logp_next), np.nan)
             res["next_xent"][r, c0:c1] = np.where(has_next, -logp_next, np.nan)
 
+        def exps(names):  # the anchors' exp(z - max), [len(names) x C, V], for p @ W
+            if work is not None:
+                first = 0 if names[0] == "final" else C
+                return work.e[first:first + len(names) * C]
+            e = [got[name].pop("exp") for name in names]
+            return e[0] if len(e) == 1 else xp.concat(e, axis=0)
+
+        def u_buf(n):
+            return None if work is None else np.empty((n, D), np.float32)
+
         # the final stream is read by the decoder's normalisation alone: the model already ran its blocks
         final_hat = decoder_norm(model, trace.resid[L, a:b, :], norm)  # [C, D]
         in_hat = input_hat[c0:c1, :]
         final64, input64 = to_numpy(final_hat).astype(np.float64), to_numpy(in_hat).astype(np.float64)
-        yield (final_hat, W_unT, z_buf()), reduce_final, "final"
-        yield (in_hat, W_unT, z_buf()), reduce_input, "input"
-        yield (got["final"].pop("exp") if work is None else work.e[0][:C], W_un, u_bufs[0]), keep_u("final"), "u"
-        yield (got["input"].pop("exp") if work is None else work.e[1][:C], W_un, u_bufs[1]), keep_u("input"), "u"
-        for r, row in enumerate(rows):
-            if r not in (r_final, r_input):  # the anchors' own rows are stored with u_input
-                xh = cached[row][c0:c1, :] if decoder_blocks else read(row[1], row[2], a, b)  # [C, D]
-                yield (xh, W_unT, z_buf()), (lambda z, r=r, xh=xh: store(r, xh, _reduce(z, got["targets"], k, work))), "row"
+        groups = [others[i:i + per] for i in range(0, len(others), per)]
+        if per == 1:  # long windows: each product reads the unembedding for a full chunk
+            yield (final_hat, W_unT, z_buf(C)), reduce_anchors, "final", False
+            yield (in_hat, W_unT, z_buf(C)), reduce_input, "input", False
+            yield (exps(["final"]), W_un, u_buf(C)), keep_u(["final"]), "u", False
+            yield (exps(["input"]), W_un, u_buf(C)), keep_u(["input"]), "u", False
+        else:  # one product for both anchors; their p @ W waits for their reductions
+            yield (xp.concat([final_hat, in_hat], axis=0), W_unT, z_buf(2 * C)), reduce_anchors, "anchors", False
+            yield (lambda: exps(["final", "input"]), W_un, u_buf(2 * C)), keep_u(["final", "input"]), "u", True
+        for group in groups:
+            xs = [(r, cached[rows[r]][c0:c1, :] if decoder_blocks else read(rows[r][1], rows[r][2], a, b))
+                  for r in group]  # [C, D] each
+            x = xs[0][1] if len(xs) == 1 else xp.concat([xh for _, xh in xs], axis=0)
+            yield (x, W_unT, z_buf(len(xs) * C)), reduce_rows(xs), f"rows{len(xs)}", False
 
     try:
         with blas_limit:

@@ -199,7 +199,7 @@ def test_small_chunks_and_one_thread_give_the_same_lens(case):
     one, and chunks that do not divide the window."""
     from gpt2np.lens import _workspace
 
-    work, _ = _workspace(4, 100, 3, 2)
+    work, _ = _workspace(4, 8, 100, 3, 2)
     assert work.pool is not None, "threadpoolctl (a test dependency) should enable the two-thread path"
     work.pool.shutdown()
     m, tr = case
