@@ -492,7 +492,7 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
     L, T, V, D = cfg.n_layer, int(trace.resid.shape[1]), cfg.vocab_size, cfg.n_embd
     end = T if end is None else end
     _check(trace, k=k, step=step, sublayers=sublayers, start=start, end=end, T=T, L=L, V=V, norm=norm,
-           decoder_blocks=decoder_blocks, include_input=include_input, chunk=chunk)
+           decoder_blocks=decoder_blocks, include_input=include_input, chunk=chunk, threads=threads)
     xp = namespace(trace.resid)
     rows = select_rows(L, step=step, include_input=include_input, sublayers=sublayers, decoder_blocks=decoder_blocks)
     W_un = model.params.unembed  # [V, D]
@@ -641,7 +641,8 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
                 lock_in=lock_in, settings=settings, **res)
 
 
-def _check(trace, *, k, step, sublayers, start, end, T, L, V, norm, decoder_blocks, include_input, chunk):
+def _check(trace, *, k, step, sublayers, start, end, T, L, V, norm, decoder_blocks, include_input, chunk,
+           threads=None):
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}: choose one of {', '.join(NORMS)}")
     if not isinstance(k, int) or not 1 <= k <= V:
@@ -650,6 +651,8 @@ def _check(trace, *, k, step, sublayers, start, end, T, L, V, norm, decoder_bloc
         raise ValueError(f"step={step!r} must be a positive integer (1 keeps every block)")
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk={chunk!r} must be a positive integer")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads={threads!r} must be a positive integer (or None: the CPU count, at most 2)")
     if not 0 <= decoder_blocks <= L:
         raise ValueError(f"decoder_blocks={decoder_blocks} must be between 0 and n_layer={L}")
     if decoder_blocks == L and not include_input:

@@ -369,6 +369,8 @@ def test_tokens_are_display_strings(tiny_model):
     ({"end": 999}, "window start=0, end=999"),
     ({"decoder_blocks": 9}, "decoder_blocks=9 must be between 0 and n_layer=3"),
     ({"decoder_blocks": 3, "include_input": False}, "leaves only the input row"),
+    ({"threads": 0}, "threads=0 must be a positive integer"),
+    ({"chunk": 0}, "chunk=0 must be a positive integer"),
 ])
 def test_bad_arguments(tiny_model, kw, msg):
     tr = tiny_model.forward([1, 2, 3, 4, 5, 6])
