@@ -86,8 +86,10 @@ class Model:
         >>> m = gpt2np.load("gpt2")
         >>> m.decode(m.generate(m.encode("The logit lens"), 20, temperature=0))
         """
-        return np.array(list(self.stream(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                         seed=seed, stop_at_eot=stop_at_eot)), dtype=np.int64)
+        ids = model.check_ids(ids, self.config)
+        return generation.generate(self.params, self.config, ids, max_new_tokens, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, seed=seed, stop_at_eot=stop_at_eot,
+                                   eot_id=self.tokenizer.eot_token)
 
     def stream(self, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, stop_at_eot: bool = False):

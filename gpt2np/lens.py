@@ -82,10 +82,7 @@ class Lens:
     @property
     def next_ids(self) -> np.ndarray:
         """``[W]`` true next token ids, -1 at the last position of the sequence."""
-        nxt = np.full(self.end - self.start, -1, np.int64)
-        avail = self.ids[self.start + 1:self.end + 1]
-        nxt[:len(avail)] = avail
-        return nxt
+        return _next_ids(self.ids, self.start, self.end)
 
     @property
     def top1(self) -> np.ndarray:
@@ -149,6 +146,14 @@ class Lens:
             arrays = {k: z[k] for k in z.files if k != "__meta__"}
         return cls(rows=tuple(meta["rows"]), start=meta["start"], end=meta["end"], settings=meta["settings"],
                    **arrays)
+
+
+def _next_ids(ids: np.ndarray, start: int, end: int) -> np.ndarray:
+    """``[end - start]`` the token after each position of the window, -1 after the sequence's last."""
+    nxt = np.full(end - start, -1, np.int64)
+    avail = ids[start + 1:end + 1]
+    nxt[:len(avail)] = avail
+    return nxt
 
 
 _INT_FIELDS = {"ids", "top_ids", "final_ids", "final_rank", "input_rank", "next_rank", "lock_in"}
@@ -388,7 +393,7 @@ def _run(steps, work: _Work | None) -> None:
     reduction's time, so that all threads finish together (the times are the fastest seen on the steps
     before; equal blocks until then). Evenly cut, the threads waited up to one block for each other.
     """
-    pending = None  # the previous step's (reduce, result)
+    pending = None  # the previous step's (reduce, result, kind)
     took = {}  # seconds: a reduction of each kind; one thread's product time per unit of the cut, by shapes
 
     def timed(key, units, fn, *args, **kwargs):
@@ -518,8 +523,7 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
     r_final = next((r for r, row in enumerate(rows) if row[1:] == ("resid", L)), None) if not decoder_blocks else None
 
     Wn, R = end - start, len(rows)
-    nxt = np.full(Wn, -1, np.int64)
-    nxt[:max(0, min(end, T - 1) - start)] = ids[start + 1:min(end, T - 1) + 1]
+    nxt = _next_ids(ids, start, end)  # [W]
     res = {name: np.empty((R, Wn), dt) for name, dt in (
         ("final_rank", np.int64), ("input_rank", np.int64), ("next_rank", np.int64), ("kl_final", np.float64),
         ("kl_input", np.float64), ("entropy", np.float64), ("next_prob", np.float64), ("next_xent", np.float64))}
@@ -549,9 +553,10 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
         def reduce_anchors(z):  # z: the final's [C, V] logits, or the final's then the input's [2C, V]
             final_ids[c0:c1] = to_numpy(xp.argmax(z[:C, :], axis=1))  # first maximum: ties -> lower id
             got["targets"] = np.stack([final_ids[c0:c1], ids[a:b], nxt[c0:c1]], axis=1)  # [C, 3]
-            got["final"] = _reduce(z[:C, :], _targets(got["targets"], 1, xp, work), k, work, anchor=0)
+            targets = _targets(got["targets"], 1, xp, work)
+            got["final"] = _reduce(z[:C, :], targets, k, work, anchor=0)
             if z.shape[0] > C:
-                got["input"] = _reduce(z[C:, :], _targets(got["targets"], 1, xp, work), k, work, anchor=1)
+                got["input"] = _reduce(z[C:, :], targets, k, work, anchor=1)
 
         def reduce_input(z):
             got["input"] = _reduce(z, _targets(got["targets"], 1, xp, work), k, work, anchor=1)

@@ -29,16 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _hwm_kib() -> int:
+def _status_kib(field: str) -> int:
+    """``VmRSS`` (resident) or ``VmHWM`` (its peak) of this process, in KiB (0 where /proc has none)."""
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1])
-    return 0
-
-
-def _rss_kib() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
 
@@ -79,18 +73,18 @@ def _worker(kind: str, path: str, T: int, sublayers: bool, repeats: int) -> dict
     else:
         run = _torch_lens(path, ids, sublayers)
     run()  # warm-up
-    out["forward_peak_bytes"] = _hwm_kib() * 1024  # the process so far: weights, trace, one lens
+    out["forward_peak_bytes"] = _status_kib("VmHWM") * 1024  # the process so far: weights, trace, one lens
     times, extra, peaks, products = [], [], [], []
     for _ in range(repeats):
         if matmul is not None:
             products.append(matmul())
-        base = _rss_kib()
+        base = _status_kib("VmRSS")
         _reset_peak()
         t = time.perf_counter()
         lens = run()
         times.append(time.perf_counter() - t)
-        extra.append((_hwm_kib() - base) * 1024)
-        peaks.append(_hwm_kib() * 1024)
+        extra.append((_status_kib("VmHWM") - base) * 1024)
+        peaks.append(_status_kib("VmHWM") * 1024)
         del lens
     out["seconds"] = statistics.median(times)
     out["times"] = times
