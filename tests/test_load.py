@@ -20,6 +20,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import gpt2np
+from gpt2np import weights
 from gpt2np.weights import FILES, read_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +67,29 @@ def test_loads_exactly_the_stored_tensors(tiny_checkpoint, tiny_model, tiny_conf
         assert v.dtype == np.float32 and v.flags.c_contiguous, k
         np.testing.assert_array_equal(v, stored[k], err_msg=k)
     assert tiny_model.params.lm_head_weight is None
+
+
+@pytest.mark.parametrize("readers", [1, 2, 3, 50])
+def test_parallel_readers_load_exactly_the_stored_tensors(tiny_checkpoint, monkeypatch, readers):
+    monkeypatch.setattr(weights, "_cores", lambda: readers)  # the file is read in this many parts
+    params = gpt2np.load(tiny_checkpoint).params
+    stored = load_file(str(tiny_checkpoint / "model.safetensors"))
+    for k, v in flat(params).items():
+        np.testing.assert_array_equal(v, stored[k], err_msg=k)
+
+
+@pytest.mark.parametrize("sizes,parts", [([1] * 6, 2), ([10, 1, 1, 1], 2), ([5], 4), ([], 2), ([0, 0, 0], 2),
+                                         ([1] * 8, 3), ([3, 1, 4, 1, 5, 9, 2, 6], 4)])
+def test_split_by_size(sizes, parts):
+    items = list(range(len(sizes)))
+    runs = weights._split_by_size(items, sizes, parts)
+    assert [i for run in runs for i in run] == items  # every item once, in order
+    assert 1 <= len(runs) <= parts and all(runs[:-1]) and (runs[-1] or not items)
+    total, biggest, before = sum(sizes), max(sizes, default=0), 0
+    for n, run in enumerate(runs):  # a run starts once the runs before it hold their share, and
+        assert before >= total * n / parts  # ends at the next item past its own share
+        assert sum(sizes[i] for i in run) <= total / parts + biggest
+        before += sum(sizes[i] for i in run)
 
 
 def test_official_file_has_mask_buffers_and_they_are_skipped(tiny_checkpoint, tiny_model):
