@@ -8,11 +8,13 @@ CuPy and other array-API arrays take the plain path. What changes is how the wor
   (``np.matmul(..., out=...)``); bias, LayerNorm, GELU and softmax work in place; the streams are
   written straight into the trace's stacked arrays. Nothing is ever promoted to float64.
 * **No copies of weights.** ``wte.T`` and the weight matrices are read by BLAS as they are.
-* **Causal attention in query chunks, head by head.** Queries are taken ``CHUNK`` rows at a time
-  and scored only against the keys up to the chunk's last query, so the masked half of the
-  ``T x T`` scores is (almost) never computed; only the chunk's diagonal block needs the mask. One
-  head's ``[CHUNK, S]`` scores are a contiguous block that stays in the L2 cache while softmax
-  passes over it. ``1/sqrt(d)`` scales ``q`` (a power of two for d = 64: exact); the row sums come
+* **Causal attention in query chunks, a few heads at a time.** Queries are taken ``CHUNK`` rows at
+  a time and scored only against the keys up to the chunk's last query, so the masked half of the
+  ``T x T`` scores is (almost) never computed; only the chunk's diagonal block needs the mask. The
+  scores of as many heads as fit in ``SCORE_BYTES`` (one head when the chunk alone is that large)
+  are a contiguous ``[heads, CHUNK, S]`` block that stays in the L2 cache while softmax passes over
+  it; stacking heads in one call saves Python's per-call cost (T = 1024: 13 ms a block instead of
+  15; T = 16: 0.05 ms instead of 0.14). ``1/sqrt(d)`` scales ``q`` (a power of two for d = 64: exact); the row sums come
   from a BLAS matrix-vector product; the division by them is applied to the ``[C, d]`` output, not
   to the ``[C, S]`` probabilities (which are divided only when the patterns are kept).
 * **GELU in cache-sized blocks**: its nine passes run over ``GELU_ROWS`` rows at a time.
@@ -41,6 +43,7 @@ from .model import MASKED, Trace
 from .weights import Params
 
 CHUNK = 128  # query rows per attention chunk: one head's [CHUNK, S] float32 scores stay in the L2 cache
+SCORE_BYTES = 1 << 20  # attention scores of this many bytes (or one head's) are made in one call
 GELU_ROWS = 32  # rows per GELU block: its nine passes over [rows, F] stay in the L2 cache
 # Positions per worker, at least. Each worker's BLAS packs the whole weight matrix for its rows, so
 # fewer rows waste more: below this, one thread with BLAS's own threads (which split the columns) wins.
@@ -135,30 +138,34 @@ def gelu_new_(h: np.ndarray, tmp: np.ndarray) -> np.ndarray:
 
 
 def _attend_chunks(q, k, v, z, chunks, upper, ones, scratch, pattern=None) -> None:
-    """Causal attention for the given query chunks, head by head, written into ``z``.
+    """Causal attention for the given query chunks, a group of heads at a time, written into ``z``.
 
     ``q : [H, T, d]`` view (already scaled), ``k, v : [H, T, d]`` contiguous, ``z : [T, H, d]``
     output view, ``upper : [C, C]`` bool, True above the diagonal, ``ones : [T, 1]``, ``scratch``
-    ``(scores [C * T], row_max [C, 1], row_sum [C, 1])``, ``pattern`` an optional ``[H, T, T]``
-    zeroed output.
+    ``(scores [min(H * C * T, max(C * T, SCORE_BYTES / 4))], row_max [H * C], row_sum [H * C])``, ``pattern`` an
+    optional ``[H, T, T]`` zeroed output.
     """
     flat, row_max, row_sum = scratch
+    H = q.shape[0]
     for i0, i1 in chunks:
         c = i1 - i0
-        s = flat[:c * i1].reshape(c, i1)  # [c, S=i1] contiguous, in the L2 cache
-        m, total = row_max[:c], row_sum[:c]
-        for h in range(q.shape[0]):
-            np.matmul(q[h, i0:i1], k[h, :i1].T, out=s)  # [c, d] @ [d, S] -> [c, S]
-            np.copyto(s[:, i0:], MASKED, where=upper[:c, :c])  # the diagonal block: key j > query i
+        g = max(1, min(H, SCORE_BYTES // (c * i1 * flat.itemsize)))  # heads per call
+        for h0 in range(0, H, g):
+            h1 = min(h0 + g, H)
+            n = h1 - h0
+            s = flat[:n * c * i1].reshape(n, c, i1)  # [n, c, S=i1] contiguous, in the L2 cache
+            m, total = row_max[:n * c].reshape(n, c, 1), row_sum[:n * c].reshape(n, c, 1)
+            np.matmul(q[h0:h1, i0:i1], k[h0:h1, :i1].transpose(0, 2, 1), out=s)  # [n, c, d] @ [n, d, S]
+            np.copyto(s[:, :, i0:], MASKED, where=upper[:c, :c])  # the diagonal block: key j > query i
             np.max(s, axis=-1, keepdims=True, out=m)
             np.subtract(s, m, out=s)
             np.exp(s, out=s)
-            np.matmul(s, ones[:i1], out=total)  # [c, 1] row sums (a BLAS matrix-vector product)
-            out = z[i0:i1, h]  # [c, d] view of the merged output
-            np.matmul(s, v[h, :i1], out=out)  # unnormalised: divide the [c, d] result, not [c, S]
+            np.matmul(s, ones[:i1], out=total)  # [n, c, 1] row sums (BLAS matrix-vector products)
+            out = z[i0:i1, h0:h1].transpose(1, 0, 2)  # [n, c, d] view of the merged output
+            np.matmul(s, v[h0:h1, :i1], out=out)  # unnormalised: divide the [c, d] results, not [c, S]
             np.divide(out, total, out=out)
             if pattern is not None:
-                np.divide(s, total, out=pattern[h, i0:i1, :i1])
+                np.divide(s, total, out=pattern[h0:h1, i0:i1, :i1])
 
 
 def forward_fast(params: Params, config: Config, ids: np.ndarray, *, sublayers: bool = False,
@@ -215,7 +222,8 @@ def _forward(params: Params, config: Config, ids, sublayers: bool, patterns: boo
     chunks = _chunks_by_worker(T, C, len(rows))
     upper = np.triu(np.ones((C, C), dtype=bool), 1)  # [C, C] the masked keys of a diagonal block
     ones = np.ones((T, 1), dt)
-    scratch = [(np.empty(C * T, dt), np.empty((C, 1), dt), np.empty((C, 1), dt)) for _ in rows]
+    scores = min(H * C * T, max(C * T, SCORE_BYTES // np.dtype(dt).itemsize))  # the largest group's
+    scratch = [(np.empty(scores, dt), np.empty(H * C, dt), np.empty(H * C, dt)) for _ in rows]
     k = np.empty((H, T, d), dt)  # keys and values head by head, contiguous for BLAS
     v = np.empty((H, T, d), dt)
     hidden = np.empty((T, F), dt)  # MLP activations

@@ -37,17 +37,19 @@ def ids_of(m, T, seed=0):
     return np.random.default_rng(seed).integers(0, m.config.vocab_size, T)
 
 
-@pytest.mark.parametrize("T, workers, chunk, gelu_rows", [
-    (1, 1, 64, 128),  # one position
-    (7, 1, 4, 3),  # last chunk and last GELU block shorter
-    (64, 2, 16, 8),
-    (150, 3, 16, 32),  # uneven worker split, chunks straddle it
-    (150, 1, 64, 128),  # the default sizes, several chunks
-    (33, 5, 5, 4),
+@pytest.mark.parametrize("T, workers, chunk, gelu_rows, score_bytes", [
+    (1, 1, 64, 128, 1 << 20),  # one position
+    (7, 1, 4, 3, 1 << 20),  # last chunk and last GELU block shorter
+    (64, 2, 16, 8, 1),  # one head at a time
+    (150, 3, 16, 32, 16 * 150 * 4 * 2),  # uneven worker split, chunks straddle it; groups of 3 heads
+    # for the early chunks, then of 2 and 1 (the last group short)
+    (150, 1, 64, 128, 1 << 20),  # the default sizes, several chunks
+    (33, 5, 5, 4, 1 << 20),
 ])
-def test_equals_plain_forward(small_model, monkeypatch, T, workers, chunk, gelu_rows):
+def test_equals_plain_forward(small_model, monkeypatch, T, workers, chunk, gelu_rows, score_bytes):
     monkeypatch.setattr(fast, "CHUNK", chunk)
     monkeypatch.setattr(fast, "GELU_ROWS", gelu_rows)
+    monkeypatch.setattr(fast, "SCORE_BYTES", score_bytes)
     m, ids = small_model, ids_of(small_model, T)
     ref = model.forward(m.params, m.config, ids, sublayers=True, patterns=True)
     got = fast.forward_fast(m.params, m.config, ids, sublayers=True, patterns=True, workers=workers)
@@ -106,8 +108,10 @@ def test_no_float64_or_large_temporaries(make_checkpoint, monkeypatch, workers):
 
     NumPy reports its allocations to tracemalloc. The workspace is seven ``[T, D]`` buffers (the
     normalised stream, q|k|v, contiguous k and v, the merged heads), the ``[T, F]`` MLP activations,
-    and per worker one head's ``[C, T]`` scores of a query chunk and a ``[rows, F]`` GELU block. A float64 version of any activation (a promotion)
-    or any unplanned ``[T, D]``-sized temporary does not fit in the margin.
+    and per worker the scores of a query chunk for a group of heads (at most ``SCORE_BYTES``, at least
+    one head's ``[C, T]``), their row maxima and sums, and a ``[rows, F]`` GELU block. A float64
+    version of any activation (a promotion) or any unplanned ``[T, D]``-sized temporary does not fit
+    in the margin.
     """
     config = Config(n_layer=2, n_head=4, n_embd=128, n_positions=256, vocab_size=400)
     m = gpt2np.load(make_checkpoint(config, seed=5))
@@ -115,6 +119,7 @@ def test_no_float64_or_large_temporaries(make_checkpoint, monkeypatch, workers):
     C, R = 32, 64
     monkeypatch.setattr(fast, "CHUNK", C)
     monkeypatch.setattr(fast, "GELU_ROWS", R)
+    monkeypatch.setattr(fast, "SCORE_BYTES", 2 * C * T * 4)  # two heads at a time: 64 KiB
     ids = ids_of(m, T)
     fast.forward_fast(m.params, m.config, ids, sublayers=True, workers=workers)  # warm-up
     tracemalloc.start()
@@ -126,7 +131,7 @@ def test_no_float64_or_large_temporaries(make_checkpoint, monkeypatch, workers):
     finally:
         tracemalloc.stop()
     trace_bytes = sum(getattr(tr, name).nbytes for name in FIELDS if getattr(tr, name) is not None)
-    workspace = 4 * (7 * T * D + T * F + T + workers * (C * T + 2 * C + R * F))
+    workspace = 4 * (7 * T * D + T * F + T + workers * (2 * C * T + 2 * H * C + R * F))
     margin = T * D * 4  # Python's own allocations (threads, futures); a float64 [T, D] is twice this
     assert peak <= trace_bytes + workspace + margin, (peak - trace_bytes, workspace)
 
