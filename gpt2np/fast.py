@@ -26,7 +26,7 @@ CuPy and other array-API arrays take the plain path. What changes is how the wor
 * **The logits in ordinary pages** (see ``_empty_small_pages``): the ``[T, V]`` array is the largest.
 
 Measured with ``scripts/bench.py`` (gpt2 shape, T = 1024, 2 cores): the plain path 2.8 s, this one
-1.1 s; the attention went from 100 ms to 14 ms per block, the rest is matrix products.
+1.1 s; the attention went from 100 ms to 13 ms per block, the rest is mostly matrix products.
 """
 from __future__ import annotations
 
