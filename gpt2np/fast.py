@@ -14,9 +14,10 @@ CuPy and other array-API arrays take the plain path. What changes is how the wor
   scores of as many heads as fit in ``SCORE_BYTES`` (one head when the chunk alone is that large)
   are a contiguous ``[heads, CHUNK, S]`` block that stays in the L2 cache while softmax passes over
   it; stacking heads in one call saves Python's per-call cost (T = 1024: 13 ms a block instead of
-  15; T = 16: 0.05 ms instead of 0.14). ``1/sqrt(d)`` scales ``q`` (a power of two for d = 64: exact); the row sums come
-  from a BLAS matrix-vector product; the division by them is applied to the ``[C, d]`` output, not
-  to the ``[C, S]`` probabilities (which are divided only when the patterns are kept).
+  15; T = 16: 0.05 ms instead of 0.14). ``1/sqrt(d)`` scales ``q`` (a power of two for d = 64:
+  exact); the row sums come from a BLAS matrix-vector product; the division by them is applied to
+  the ``[C, d]`` output, not to the ``[C, S]`` probabilities (which are divided only when the
+  patterns are kept).
 * **GELU in cache-sized blocks**: its nine passes run over ``GELU_ROWS`` rows at a time.
 * **All cores on everything.** NumPy runs element-wise work on one core. With ``threadpoolctl``
   installed and T long enough (``MIN_ROWS_PER_WORKER`` positions per core), the positions are split
@@ -142,8 +143,8 @@ def _attend_chunks(q, k, v, z, chunks, upper, ones, scratch, pattern=None) -> No
 
     ``q : [H, T, d]`` view (already scaled), ``k, v : [H, T, d]`` contiguous, ``z : [T, H, d]``
     output view, ``upper : [C, C]`` bool, True above the diagonal, ``ones : [T, 1]``, ``scratch``
-    ``(scores [min(H * C * T, max(C * T, SCORE_BYTES / 4))], row_max [H * C], row_sum [H * C])``, ``pattern`` an
-    optional ``[H, T, T]`` zeroed output.
+    ``(scores [min(H * C * T, max(C * T, SCORE_BYTES / 4))], row_max [H * C], row_sum [H * C])``,
+    ``pattern`` an optional ``[H, T, T]`` zeroed output.
     """
     flat, row_max, row_sum = scratch
     H = q.shape[0]

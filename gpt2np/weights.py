@@ -270,7 +270,8 @@ def read_params(path: str | Path, config: Config) -> Params:
 
     # Most of a load's time is the kernel giving the new arrays their memory (page faults), not the
     # reading: a few threads, each reading one contiguous part of the file, do that in parallel
-    # (gpt2-xl on 2 cores: 1-2 s instead of 3-13 s). readinto releases the GIL.
+    # (gpt2-xl on 2 cores: 1 to 8 s, median 6.9 s in scripts/bench.py, against 8 to 15 s, median
+    # 11.6 s, with one reader; the spread is the machine's). readinto releases the GIL.
     ordered = sorted(arrays, key=lambda k: tensors[k]["data_offsets"][0])
     parts = _split_by_size(ordered, [arrays[k].nbytes for k in ordered], _cores())
     with ThreadPoolExecutor(len(parts)) as pool:
