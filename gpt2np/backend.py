@@ -2,7 +2,17 @@
 namespace of the Python array API standard); CuPy is imported only when the GPU is asked for."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one, else the CPU count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 # Functions of the array API standard that gpt2np uses and that CuPy gained only with version 14

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import math
 import mmap
-import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 import numpy as np
 
+from .backend import usable_cores
 from .config import Config
 from .model import MASKED, Trace
 from .weights import Params
@@ -65,12 +65,8 @@ def default_workers(T: int, blas=None) -> int:
     usable cores), at least ``MIN_ROWS_PER_WORKER`` positions each; 1 without threadpoolctl."""
     if blas is None or not blas.lib_controllers:
         return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
     threads = max(c.num_threads for c in blas.lib_controllers)
-    return max(1, min(cores, threads, T // MIN_ROWS_PER_WORKER))
+    return max(1, min(usable_cores(), threads, T // MIN_ROWS_PER_WORKER))
 
 
 def _empty_small_pages(shape: tuple[int, ...], dtype) -> np.ndarray:

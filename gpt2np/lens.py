@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import model as M
-from .backend import namespace, to_numpy
+from .backend import namespace, to_numpy, usable_cores
 
 NORMS = ("ln_f", "norm", "raw")
 CHUNK = 512  # positions per matrix product: [512, 50257] float32 = 103 MB; 256 was 9% slower
@@ -487,7 +486,7 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
         figures) or ``"raw"`` (no normalisation).
     decoder_blocks : run the last k blocks inside the decoder for every shown row; their rows are dropped.
     chunk : positions per matrix product. threads : NumPy threads for the products and reductions
-        (default: CPU count, at most 2).
+        (default: the usable cores, at most 2).
 
     Returns
     -------
@@ -531,7 +530,7 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
     top_logits = np.empty((R, Wn, k), np.float32)
     top_probs = np.empty((R, Wn, k), np.float64)
     final_ids = np.empty(Wn, np.int64)
-    n_threads = threads if threads is not None else min(2, os.cpu_count() or 1)
+    n_threads = threads if threads is not None else min(2, usable_cores())
     C0 = min(chunk, Wn)  # positions per chunk
     per = max(1, chunk // C0)  # rows per product: a window shorter than the chunk puts several rows in one
     others = [r for r in range(R) if r not in (r_final, r_input)]  # rows that are not anchors
@@ -657,7 +656,7 @@ def _check(trace, *, k, step, sublayers, start, end, T, L, V, norm, decoder_bloc
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk={chunk!r} must be a positive integer")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads={threads!r} must be a positive integer (or None: the CPU count, at most 2)")
+        raise ValueError(f"threads={threads!r} must be a positive integer (or None: the usable cores, at most 2)")
     if not 0 <= decoder_blocks <= L:
         raise ValueError(f"decoder_blocks={decoder_blocks} must be between 0 and n_layer={L}")
     if decoder_blocks == L and not include_input:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backend import usable_cores
 from .config import SIZES, Config
 
 FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
@@ -288,12 +289,8 @@ def read_params(path: str | Path, config: Config) -> Params:
 
 
 def _cores() -> int:
-    """The CPU cores this process may use (at most 4: more readers do not read faster)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
-    return max(1, min(4, n))
+    """Reader threads: one per usable core, at most 4 (more do not read faster)."""
+    return min(4, usable_cores())
 
 
 def _split_by_size(items: list, sizes: list[int], parts: int) -> list[list]:
