@@ -15,8 +15,8 @@ by run and the order flips every repeat, so a busy machine slows both alike; one
   ``hf(ids, output_hidden_states=True)``;
 * loading: time and peak resident memory above the post-import baseline, each load in a fresh
   process (``VmHWM`` reset through ``/proc/self/clear_refs``), reported relative to the file size;
-* hooks, filled in as the pieces land: the lens against a torch lens and their peak memory
-  (``bench_lens``, ``bench_lens_memory``), generation tokens/s (``scripts/bench_generate.py``).
+* the lens against a torch lens and their peak memory (``scripts/bench_lens.py``, each in fresh
+  processes), and generation tokens/s (``scripts/bench_generate.py``).
 
     python scripts/bench.py                          # gpt2 and gpt2-xl, T = 128 and 1024
     python scripts/bench.py --quick                  # gpt2 only, 3 repeats
@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from gpt2np.config import SIZES, Config  # noqa: E402
+from bench_lens import _reset_peak, _status_kib, run_json  # noqa: E402  (scripts/ is on the path)
 
 OUT = ROOT / "bench-out"
 ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
@@ -217,7 +218,7 @@ def _prepare(impl: str, folder: str):
                 run = (lambda: plain.forward(m.params, m.config, ids)) if impl == "gpt2np_plain" else (
                     lambda: m.forward(ids))
                 return run, lambda out: out.logits
-            raise ValueError(f"unknown task {task!r}")  # HOOK (lens): add the lens task here
+            raise ValueError(f"unknown task {task!r}")
         return job
     import torch
     import transformers
@@ -233,7 +234,7 @@ def _prepare(impl: str, folder: str):
                 with torch.inference_mode():
                     return hf(ids, output_hidden_states=True)
             return run, lambda out: out.logits[0].numpy()
-        raise ValueError(f"unknown task {task!r}")  # HOOK (lens): add the torch lens task here
+        raise ValueError(f"unknown task {task!r}")
     return job
 
 
@@ -328,15 +329,6 @@ def bench_forward(folder: Path, seq: list[int], repeats: int, plain: bool = Fals
 # Loading, each in a fresh process
 
 
-def _status_kib() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS"):
-            out[key] = int(value.split()[0])
-    return out
-
-
 def load_child(impl: str, folder: str) -> dict:
     """Runs in a fresh process: import, note the resident memory, load, note the peak since then;
     then run one single-token forward pass and note the time and peak again.
@@ -367,23 +359,18 @@ def load_child(impl: str, folder: str) -> dict:
             with torch.inference_mode():
                 return m(torch.zeros((1, 1), dtype=torch.int64), output_hidden_states=True)
     gc.collect()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        reset = True
-    except OSError:
-        reset = False
-    before = _status_kib()
+    reset = _reset_peak()  # VmHWM := the current RSS
+    before = _status_kib("VmRSS")
     t0 = time.perf_counter()
     m = load()
     seconds = time.perf_counter() - t0
-    after = _status_kib()
+    peak, after = _status_kib("VmHWM"), _status_kib("VmRSS")
     first_forward(m)
     first = time.perf_counter() - t0
-    after_first = _status_kib()
+    first_peak = _status_kib("VmHWM")
     del m
-    return {"seconds": seconds, "rss_before_kib": before["VmRSS"], "peak_kib": after["VmHWM"],
-            "rss_after_kib": after["VmRSS"], "first_forward_seconds": first,
-            "first_forward_peak_kib": after_first["VmHWM"], "peak_reset": reset}
+    return {"seconds": seconds, "rss_before_kib": before, "peak_kib": peak, "rss_after_kib": after,
+            "first_forward_seconds": first, "first_forward_peak_kib": first_peak, "peak_reset": reset}
 
 
 def bench_load(folder: Path, repeats: int) -> dict:
@@ -394,11 +381,7 @@ def bench_load(folder: Path, repeats: int) -> dict:
             pass
 
     def child(impl):
-        out = subprocess.run([sys.executable, __file__, "--load-child", impl, str(folder)],
-                             capture_output=True, text=True, check=False)
-        if out.returncode:
-            raise RuntimeError(f"loading {folder} with {impl} failed:\n{out.stderr[-3000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return run_json([sys.executable, __file__, "--load-child", impl, str(folder)], f"loading {folder} with {impl}")
 
     runs = {impl: [] for impl in ("gpt2np", "transformers")}
     for r in range(repeats):
@@ -421,10 +404,10 @@ def bench_load(folder: Path, repeats: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# HOOKS: filled in as the pieces land. Each returns a dict of figures, or None when not available.
+# The lens (scripts/bench_lens.py) and generation (scripts/bench_generate.py)
 
 
-def bench_lens(folder: Path, T: int, repeats: int) -> dict | None:
+def bench_lens(folder: Path, T: int, repeats: int) -> dict:
     """gpt2np's complete lens (every quantity of every view) against a straightforward torch lens
     (scripts/bench_lens.py: ln_f and the unembedding on every stacked hidden state, log_softmax, KL,
     ranks, top-k) at T, each in a fresh process; time, extra memory above the forward pass, and the
@@ -440,7 +423,7 @@ def bench_lens(folder: Path, T: int, repeats: int) -> dict | None:
             "numpy_matmul_gflops": res["matmul"]["gflops"], "blas_efficiency": g["matmul_fraction"]}
 
 
-def bench_lens_memory(folder: Path, T: int) -> dict | None:
+def bench_lens_memory(folder: Path, T: int) -> dict:
     """The full lens with sub-rows at T (gpt2np only; the torch lens has no sub-rows): time, extra
     memory above the forward pass, and the whole process's peak (weights, trace and lens)."""
     from bench_lens import bench_lens as run
@@ -452,12 +435,10 @@ def bench_lens_memory(folder: Path, T: int) -> dict | None:
             "peak_gib": g["peak_bytes"] / 2**30, "gflops": g["gflops"], "blas_efficiency": g["matmul_fraction"]}
 
 
-def bench_generation(folder: Path, n_new: int, repeats: int) -> dict | None:
-    """HOOK (generation): tokens/s of greedy decoding via scripts/bench_generate.bench_generate."""
-    try:
-        from bench_generate import bench_generate
-    except ImportError:
-        return None
+def bench_generation(folder: Path, n_new: int, repeats: int) -> dict:
+    """Tokens/s of greedy decoding (scripts/bench_generate.bench_generate)."""
+    from bench_generate import bench_generate
+
     return bench_generate(folder, n_new=n_new, repeats=repeats)
 
 
@@ -530,16 +511,14 @@ def report(results: dict) -> str:
                              f"{x['with_first_forward_median_s']:>17.2f}{x['with_first_forward_peak_bytes'] / 1e9:>9.2f}")
         lines.append("")
     for shape, x in results.get("lens", {}).items():
-        if x:
-            lines.append(f"lens T=1024 {shape} (all quantities, 13 rows): gpt2np {x['gpt2np_s']:.2f} s, torch lens "
-                         f"{x['torch_s']:.2f} s, ratio {x['speedup']:.2f}x; extra memory {x['gpt2np_extra_mib']:.0f} MiB "
-                         f"vs {x['torch_extra_mib']:.0f} MiB; {x['gflops']:.0f} GFLOP/s = {x['blas_efficiency']:.0%} "
-                         f"of NumPy's matmul ({x['numpy_matmul_gflops']:.0f} GFLOP/s)")
+        lines.append(f"lens T=1024 {shape} (all quantities, 13 rows): gpt2np {x['gpt2np_s']:.2f} s, torch lens "
+                     f"{x['torch_s']:.2f} s, ratio {x['speedup']:.2f}x; extra memory {x['gpt2np_extra_mib']:.0f} MiB "
+                     f"vs {x['torch_extra_mib']:.0f} MiB; {x['gflops']:.0f} GFLOP/s = {x['blas_efficiency']:.0%} "
+                     f"of NumPy's matmul ({x['numpy_matmul_gflops']:.0f} GFLOP/s)")
     for shape, x in results.get("lens_memory", {}).items():
-        if x:
-            lines.append(f"lens T=1024 {shape} with sub-rows ({x['rows']} rows): {x['seconds']:.1f} s, "
-                         f"{x['gflops']:.0f} GFLOP/s = {x['blas_efficiency']:.0%} of NumPy's matmul, extra memory "
-                         f"{x['extra_mib']:.0f} MiB, process peak {x['peak_gib']:.2f} GiB")
+        lines.append(f"lens T=1024 {shape} with sub-rows ({x['rows']} rows): {x['seconds']:.1f} s, "
+                     f"{x['gflops']:.0f} GFLOP/s = {x['blas_efficiency']:.0%} of NumPy's matmul, extra memory "
+                     f"{x['extra_mib']:.0f} MiB, process peak {x['peak_gib']:.2f} GiB")
     if results.get("lens") or results.get("lens_memory"):
         lines.append("")
     gen = results.get("generation")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -37,9 +36,22 @@ def _status_kib(field: str) -> int:
     return 0
 
 
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+def _reset_peak() -> bool:
+    """Reset this process's ``VmHWM`` to its current resident size; False where Linux does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_json(cmd: list[str], what: str) -> dict:
+    """Run ``cmd`` (a worker process of a benchmark script) and return the JSON on its last line of output."""
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _worker(kind: str, path: str, T: int, sublayers: bool, repeats: int) -> dict:
@@ -47,9 +59,12 @@ def _worker(kind: str, path: str, T: int, sublayers: bool, repeats: int) -> dict
 
     sys.path.insert(0, str(ROOT))
     import gpt2np
+    from gpt2np.config import Config
 
-    model = gpt2np.load(path)
-    V, D = model.config.vocab_size, model.config.n_embd
+    # the torch worker loads the weights through transformers alone (_torch_lens)
+    model = gpt2np.load(path) if kind == "gpt2np" else None
+    config = model.config if model is not None else Config.from_json(Path(path) / "config.json")
+    V, D = config.vocab_size, config.n_embd
     ids = np.random.default_rng(0).integers(0, V, T)
     out = {"kind": kind, "T": T, "sublayers": sublayers}
     matmul = None
@@ -148,10 +163,7 @@ def bench_lens(path, T: int = 1024, repeats: int = 3, sublayers: bool = False, t
         cmd = [sys.executable, __file__, "--worker", kind, str(path), "--seq", str(T), "--repeats", str(repeats)]
         if sublayers:
             cmd.append("--sublayers")
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if done.returncode:
-            raise RuntimeError(f"{kind} worker failed:\n{done.stderr[-3000:]}")
-        res[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+        res[kind] = run_json(cmd, f"the {kind} lens worker")
     g = res["gpt2np"]
     res["matmul"] = {"seconds": g["matmul_seconds"], "gflops": g["matmul_gflops"]}  # timed in the same process
     g["matmul_fraction"] = g["gflops"] / g["matmul_gflops"]
