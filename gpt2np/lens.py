@@ -112,21 +112,22 @@ class Lens:
     def save(self, path: str | Path) -> Path:
         """Save to ``.npz`` (compressed, no pickle) or ``.json``, chosen by the extension."""
         path = Path(path)
-        if path.suffix == ".json":
+        if path.suffix.lower() == ".json":
             path.write_text(json.dumps(self.to_dict()))
             return path
-        if path.suffix != ".npz":
+        if path.suffix.lower() != ".npz":
             raise ValueError(f"cannot save a lens as {path.suffix or 'a file without extension'}: use .npz or .json")
         arrays = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), np.ndarray)}
         meta = {"rows": list(self.rows), "start": self.start, "end": self.end, "settings": self.settings}
-        np.savez_compressed(path, __meta__=np.array(json.dumps(meta)), **arrays)
+        with open(path, "wb") as f:  # a file object: NumPy would append ".npz" to a path ending ".NPZ"
+            np.savez_compressed(f, __meta__=np.array(json.dumps(meta)), **arrays)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Lens":
         """Load a lens saved with ``save`` (``.npz`` or ``.json``)."""
         path = Path(path)
-        if path.suffix == ".json":
+        if path.suffix.lower() == ".json":
             raw = json.loads(path.read_text())
             kinds = {f.name: f for f in fields(cls)}
             args = {}

@@ -354,6 +354,16 @@ def test_save_and_load_roundtrip(case, tmp_path):
         lens.save(tmp_path / "lens.csv")
 
 
+@pytest.mark.parametrize("name", ["LENS.NPZ", "lens.Json"])
+def test_file_type_is_case_blind(case, tmp_path, name):
+    """The command line accepts upper-case extensions; so do save and load, and nothing is renamed."""
+    m, tr = case
+    lens = logit_lens(m, tr, end=5)
+    path = lens.save(tmp_path / name)
+    assert path == tmp_path / name and sorted(p.name for p in tmp_path.iterdir()) == [name]
+    np.testing.assert_array_equal(Lens.load(path).top_ids, lens.top_ids)
+
+
 def test_tokens_are_display_strings(tiny_model):
     ids = tiny_model.encode("when people say plasma")
     lens = logit_lens(tiny_model, tiny_model.forward(ids))
