@@ -315,11 +315,10 @@ def _write_stream(model, tokens, out) -> list[int]:
 
 
 def cmd_generate(args) -> int:
+    _check_suffix(args.lens_out, LENS_TYPES, "--lens-out")
     prompt = _read_text(args, "prompt")
     model = _load(args)
     ids = _encode(model, prompt, "prompt")
-    if args.lens_out:
-        _check_suffix(args.lens_out, LENS_TYPES, "--lens-out")
     tokens = _token_stream(model, ids, args)  # checks the arguments before printing anything
     out = sys.stdout
     if not args.no_prompt:
