@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import dataclasses
 import json
 import math
 import os
@@ -333,13 +332,12 @@ def cmd_generate(args) -> int:
     out.write("\n")
     out.flush()
     if args.lens_out:
-        from .lens import logit_lens, window_of_generation
+        from .lens import lens_of_generation
 
-        start, end = window_of_generation(len(ids), len(new))
-        lens = logit_lens(model, recorded["trace"], start=start, end=end, step=args.step, sublayers=args.sublayers,
-                          include_input=not args.no_input, norm=args.norm, decoder_blocks=args.decoder_blocks)
-        lens = dataclasses.replace(lens, settings={**lens.settings, "generated": len(new),
-                                                   "temperature": args.temperature, "seed": args.seed})
+        sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+        lens = lens_of_generation(model, recorded["trace"], len(ids), len(new), sampling, step=args.step,
+                                  sublayers=args.sublayers, include_input=not args.no_input, norm=args.norm,
+                                  decoder_blocks=args.decoder_blocks)
         lens.save(args.lens_out)
         print(f"lens of the {len(new)} generated tokens saved to {args.lens_out}", file=sys.stderr)
     return 0

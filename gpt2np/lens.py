@@ -775,8 +775,13 @@ def generation_lens(model, ids, max_new_tokens: int, *, temperature: float = 1.0
         raise ValueError("generation_lens chooses the window itself (the positions that generated tokens)")
     new, trace = generate_trace(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 seed=seed, stop_at_eot=stop_at_eot)
-    start, end = window_of_generation(len(ids), len(new))
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    return new, lens_of_generation(model, trace, len(ids), len(new), sampling, **lens_options)
+
+
+def lens_of_generation(model, trace, n_prompt: int, n_new: int, sampling: dict, **lens_options) -> Lens:
+    """The lens of a recorded generation (``trace`` of the prompt and its ``n_new`` new tokens) over the
+    positions that chose them; ``settings`` also record ``generated`` (n_new) and the ``sampling`` options."""
+    start, end = window_of_generation(n_prompt, n_new)
     lens = logit_lens(model, trace, start=start, end=end, **lens_options)
-    settings = {**lens.settings, "generated": int(len(new)), "temperature": temperature, "top_k": top_k,
-                "top_p": top_p, "seed": seed}
-    return new, dataclasses.replace(lens, settings=settings)
+    return dataclasses.replace(lens, settings={**lens.settings, "generated": int(n_new), **sampling})
