@@ -85,13 +85,30 @@ def test_model_forward_uses_fast_path(small_model):
 
 
 def test_workers_agree(small_model):
-    """The split over threads changes nothing but the order of independent work: the same bits."""
+    """The split over threads changes which rows each BLAS call gets, nothing else.
+
+    Not the same bits: a BLAS may compute a row with another kernel when it sits elsewhere in a
+    product (OpenBLAS's Haswell kernels do, at the edges of their tiles), so the splits agree within
+    float32 rounding: the bound the plain forward is held to.
+    """
     m, ids = small_model, ids_of(small_model, 150, seed=4)
     one = fast.forward_fast(m.params, m.config, ids, sublayers=True, workers=1)
     for w in (2, 3):
         other = fast.forward_fast(m.params, m.config, ids, sublayers=True, workers=w)
         for name in ("resid", "logits", "attn_out", "mlp_out", "resid_mid"):
-            assert np.array_equal(getattr(one, name), getattr(other, name)), (w, name)
+            assert rel_err(getattr(other, name), getattr(one, name)) < 2e-6, (w, name)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_repeated_calls_identical(small_model, workers):
+    """The same call twice gives the same bits: how the work is cut depends on the shapes and the
+    worker count only, never on timings or on which thread finishes first."""
+    m, ids = small_model, ids_of(small_model, 150, seed=4)
+    runs = [fast.forward_fast(m.params, m.config, ids, sublayers=True, patterns=True, workers=workers)
+            for _ in range(3)]
+    for name in FIELDS:
+        for other in runs[1:]:
+            assert np.array_equal(getattr(runs[0], name), getattr(other, name)), (workers, name)
 
 
 def test_trace_is_float32(small_model):

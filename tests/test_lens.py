@@ -289,12 +289,24 @@ def test_trace_of_length_one(tiny_model):
 
 def test_ranks_with_ties(make_checkpoint):
     """Tokens with identical unembedding rows have identical logits: a rank counts only strictly
-    larger logits (ties in the token's favour) and top-k breaks ties by the lower id."""
+    larger logits (ties in the token's favour) and top-k breaks ties by the lower id.
+
+    The ties must be exact on any BLAS: a BLAS may compute two equal columns of ``x @ W.T`` with
+    different kernels (OpenBLAS's Haswell kernels do, at the edges of its tiles), and then a dense row
+    gives logits that differ in the last bit. So the five tied rows have one non-zero entry, a power of
+    two: each of their logits is that one exact product plus exact zeros, in any order of summation.
+    ln_f's gain and bias at that coordinate make the product positive and large, so the tied tokens
+    top many distributions (and tie inside the top-k).
+    """
     cfg = SHAPES["tiny"]
     m = gpt2np.load(make_checkpoint(cfg, scale=8.0, seed=3))
-    wte = m.params.wte.copy()
-    wte[[11, 12, 13, 200, 300]] = wte[300] * 4  # five equal rows, large: they top many distributions
-    m = dataclasses.replace(m, params=dataclasses.replace(m.params, wte=wte))
+    j = 7  # the coordinate the tied rows read
+    wte, gain, bias = m.params.wte.copy(), m.params.ln_f_weight.copy(), m.params.ln_f_bias.copy()
+    wte[[11, 12, 13, 200, 300]] = 0.0
+    wte[[11, 12, 13, 200, 300], j] = 4.0  # five equal rows: logit = 4 * ln_f(x)[j], exactly
+    gain[j], bias[j] = 0.5, 3.0  # ln_f(x)[j] = 0.5 * normalised + 3 > 0 for |normalised| < 6
+    params = dataclasses.replace(m.params, wte=wte, ln_f_weight=gain, ln_f_bias=bias)
+    m = dataclasses.replace(m, params=params)
     ids = np.array([12, 300, 5, 11, 13, 200, 7, 300, 12, 9], np.int64)
     tr = m.forward(ids)
     z = np.asarray(tr.logits)
