@@ -5,9 +5,10 @@
 >>> trace = model.forward(model.encode("Hello world"))
 >>> trace.resid.shape                                # [L+1, T, D] every residual stream
 """
-from .api import Model, load
+from .api import Model, load, logit_lens
 from .config import SIZES, Config
-from .lens import Lens, logit_lens, self_check
+from .lens import self_check
+from .result import Lens
 from .model import Trace
 from .weights import download
 

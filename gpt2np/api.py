@@ -7,10 +7,13 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from . import backend, model, tokenizer
+from . import backend, lens, model, tokenizer
 from .fast import forward_fast
 from . import generate as generation
 from .config import Config
+from .decoder import Decoder
+from .lens_fast import logit_lens_fast
+from .result import Lens
 from .weights import Params, read_params, resolve
 
 
@@ -139,3 +142,40 @@ def load(name_or_path: str | Path = "gpt2", *, weights_dir: str | Path | None = 
     params = read_params(folder / "model.safetensors", config)
     m = Model(config, params, enc, name=folder.name, path=folder)
     return m if xp is np else m.to(device)
+
+
+def logit_lens(model: Model, trace, *, k: int = 5, step: int = 1, include_input: bool = True,
+               sublayers: bool = False, start: int = 0, end: int | None = None, norm: str = "ln_f",
+               decoder_blocks: int = 0, decoder: Decoder | None = None, chunk: int = lens.CHUNK,
+               threads: int | None = None) -> Lens:
+    """The logit lens of ``trace``: every shown row read through the decoder, reduced to the lens quantities.
+
+    The definition is ``gpt2np.lens.logit_lens``, a plain loop over the rows; this gives the same
+    ``Lens``, computed by ``gpt2np.lens_fast`` when the arrays are NumPy (the same quantities arranged
+    for speed on CPUs, tested equal to the loop) and by the loop itself otherwise (CuPy, any array API).
+
+    Parameters
+    ----------
+    model, trace : the ``Model`` and its ``model.forward(ids)`` (``sublayers=True`` for sub-rows)
+    k : top tokens kept per cell
+    step : keep every step-th block row, counting back from the last shown block (always kept)
+    include_input : include the embedding row ``input``
+    sublayers : add the ``l.attn`` row (stream after block l's attention) for every kept block
+    start, end : the position window ``[start, end)``; the model still read the whole prefix
+    norm : ``"ln_f"`` (default), ``"norm"`` (the post's figures) or ``"raw"``
+    decoder_blocks : run the last blocks inside the decoder for every shown row
+    decoder : a ``gpt2np.decoder.Decoder`` instead of ``norm`` and ``decoder_blocks``
+    chunk : positions per matrix product (bounds the memory)
+    threads : NumPy only: threads for the products and reductions (default: the usable cores, at most 2)
+
+    Examples
+    --------
+    >>> m = gpt2np.load("gpt2")
+    >>> lens = gpt2np.logit_lens(m, m.forward(m.encode("The logit lens")), k=3)
+    >>> lens.top_tokens[-1, :, 0]      # the final row's top-1 token at each position
+    """
+    options = dict(k=k, step=step, include_input=include_input, sublayers=sublayers, start=start, end=end,
+                   norm=norm, decoder_blocks=decoder_blocks, decoder=decoder, chunk=chunk)
+    if backend.is_numpy(trace.resid) and backend.is_numpy(model.params.wte):
+        return logit_lens_fast(model, trace, threads=threads, **options)
+    return lens.logit_lens(model, trace, **options)

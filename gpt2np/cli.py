@@ -241,7 +241,7 @@ def _show(lens, args) -> int:
 
 
 def cmd_lens(args) -> int:
-    from .lens import logit_lens
+    from .api import logit_lens
 
     _check_suffix(args.out, FIGURE_TYPES, "--out")
     _check_suffix(args.save, LENS_TYPES, "--save")
@@ -274,7 +274,7 @@ def cmd_lens(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .lens import Lens
+    from .result import Lens
 
     _check_suffix(args.out, FIGURE_TYPES, "--out")
     _check_suffix(args.lens_file, LENS_TYPES, "LENS_FILE")
@@ -295,7 +295,7 @@ def _token_stream(model, ids, args):
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                     stop_at_eot=args.stop_at_eot)
     if args.lens_out:
-        from .lens import record
+        from .record import record
         return record(model, ids, args.max_new_tokens, **sampling)
     return model.stream(ids, args.max_new_tokens, **sampling)
 
@@ -332,7 +332,7 @@ def cmd_generate(args) -> int:
     out.write("\n")
     out.flush()
     if args.lens_out:
-        from .lens import lens_of_generation
+        from .record import lens_of_generation
 
         sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
         lens = lens_of_generation(model, recorded["trace"], len(ids), len(new), sampling, step=args.step,

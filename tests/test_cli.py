@@ -381,7 +381,7 @@ def test_an_unexpected_failure_is_reported_as_internal(capsys, ckpt, monkeypatch
     def broken(*a, **kw):
         raise KeyError("oops")
 
-    monkeypatch.setattr(gpt2np.lens, "logit_lens", broken)
+    monkeypatch.setattr(gpt2np.api, "logit_lens", broken)
     code, _, err = run(capsys, "lens", TEXT, "--model", ckpt)
     assert code == 1 and err.startswith("gpt2np: error: internal error (KeyError") and "--debug" in err
 

@@ -16,7 +16,9 @@ import pytest
 import gpt2np
 from gpt2np import model as M
 from gpt2np.config import Config
-from gpt2np.lens import Lens, logit_lens, self_check
+from gpt2np import Lens, logit_lens
+from gpt2np import lens as definition
+from gpt2np.lens import self_check
 
 from _strict import host_conversion_blocked, strict_model
 
@@ -189,27 +191,12 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
-def test_lens_matches_full_float64_reference(case, opts):
+@pytest.mark.parametrize("impl", ["definition", "public"])
+def test_lens_matches_full_float64_reference(case, opts, impl):
+    """Both the definition (lens.py's plain loop) and the public lens (lens_fast.py on NumPy)."""
     m, tr = case
-    assert_matches(logit_lens(m, tr, **opts), reference_lens(m, tr, **opts))
-
-
-def test_small_chunks_and_one_thread_give_the_same_lens(case):
-    """Two threads (products in column blocks, each row reduced while the next product runs) against
-    one, and chunks that do not divide the window."""
-    from gpt2np.lens import _workspace
-
-    work, _ = _workspace(4, 8, 100, 3, 2)
-    assert work.pool is not None, "threadpoolctl (a test dependency) should enable the two-thread path"
-    work.pool.shutdown()
-    m, tr = case
-    a = logit_lens(m, tr, sublayers=True, threads=2)
-    for kw in ({"chunk": 7}, {"threads": 1}, {"chunk": 1, "threads": 1}):
-        b = logit_lens(m, tr, sublayers=True, **kw)
-        for q in EXACT:
-            np.testing.assert_array_equal(getattr(a, q), getattr(b, q), err_msg=f"{q} {kw}")
-        for q in QUANTITIES:
-            np.testing.assert_allclose(getattr(a, q), getattr(b, q), atol=1e-5, equal_nan=True, err_msg=f"{q} {kw}")
+    lens = (definition.logit_lens if impl == "definition" else logit_lens)(m, tr, **opts)
+    assert_matches(lens, reference_lens(m, tr, **opts))
 
 
 def test_lens_from_transformers_hidden_states(make_checkpoint, reference_model, reference_run):
@@ -421,58 +408,6 @@ def test_array_api_path_matches_numpy_path(case):
         np.testing.assert_array_equal(getattr(lens_s, q), getattr(lens_n, q), err_msg=q)
     for q in QUANTITIES:
         np.testing.assert_allclose(getattr(lens_s, q), getattr(lens_n, q), atol=2e-5, equal_nan=True, err_msg=q)
-
-
-def test_lens_memory_is_bounded(make_checkpoint):
-    """Peak allocation stays near a few [chunk, V] buffers, far below the [rows, T, V] array."""
-    cfg = Config(n_layer=6, n_head=2, n_embd=32, n_positions=256, vocab_size=20000)
-    m = gpt2np.load(make_checkpoint(cfg, seed=1))
-    tr = m.forward(np.arange(256) % cfg.vocab_size, sublayers=True)
-    chunk = 32
-    logit_lens(m, tr, sublayers=True, chunk=chunk)  # warm-up: imports, thread pools, allocator arenas
-    base = _resident_kib()
-    _reset_resident_peak()
-    tracemalloc.start()
-    try:
-        lens = logit_lens(m, tr, sublayers=True, chunk=chunk)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    resident_peak = (_resident_kib("VmHWM") - base) * 1024  # also sees the buffers mapped outside Python's heap
-    R, T, V = len(lens.rows), 256, cfg.vocab_size
-    full = R * T * V * 4  # what a naive lens would hold: 265 MB here
-    per_chunk = chunk * V * 4  # one [chunk, V] float32 buffer: 2.6 MB
-    assert peak < 8 * per_chunk + 200 * R * T * 8, (peak, per_chunk)  # + the O(R x T x k) results
-    assert peak < full / 10
-    assert resident_peak < full / 10, (resident_peak, full)
-
-
-def _resident_kib(field: str = "VmRSS") -> int:
-    """This process's resident memory (or its peak, VmHWM) in KiB, from /proc (Linux, as CI)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _reset_resident_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current resident size
-        f.write("5")
-
-
-def test_no_float64_block_arrays(case, monkeypatch):
-    """Reductions over the vocabulary run in float32: no [n, V] float64 array is ever made."""
-    m, tr = case
-    V = m.config.vocab_size
-    seen = []
-    real_exp = np.exp
-
-    def spy(x, *a, **kw):
-        if getattr(x, "ndim", 0) in (1, 2) and x.shape[-1] == V:  # a [V] row or an [n, V] block
-            seen.append(x.dtype)
-        return real_exp(x, *a, **kw)
-
-    monkeypatch.setattr(np, "exp", spy)
-    logit_lens(m, tr)
-    assert seen and all(d == np.float32 for d in seen), set(seen)
 
 
 # ---------------------------------------------------------------------------------------------
