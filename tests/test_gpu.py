@@ -212,17 +212,15 @@ def test_generation_on_gpu_matches_cpu(pair):
 
 @needs_gpu
 def test_lens_on_gpu_matches_cpu(pair):
-    lens = pytest.importorskip("gpt2np.lens")
-    if not hasattr(lens, "logit_lens"):
-        pytest.skip("gpt2np.lens has no logit_lens yet")
+    """The definition's loop on CuPy (what gpt2np.logit_lens runs there) against the fast NumPy path."""
     cpu, gpu = pair
     ids = _ids(cpu)
     for kw in (dict(), dict(sublayers=True, norm="norm"), dict(decoder_blocks=1, start=3, end=40)):
-        got = lens.logit_lens(gpu, gpu.forward(ids, sublayers=True), **kw)
-        want = lens.logit_lens(cpu, cpu.forward(ids, sublayers=True), **kw)
+        got = gpt2np.logit_lens(gpu, gpu.forward(ids, sublayers=True), **kw)
+        want = gpt2np.logit_lens(cpu, cpu.forward(ids, sublayers=True), **kw)
         # integer fields (top ids, ranks) exactly: a near-tie flipped by rounding would show here
         assert_same_result(got, want, rtol=GPU_RTOL)
-    checks = lens.self_check(gpu, gpu.forward(ids))
+    checks = gpt2np.self_check(gpu, gpu.forward(ids))
     assert max(checks.values()) < GPU_RTOL, checks
 
 
