@@ -1,0 +1,189 @@
+"""The decomposition of the residual stream and direct logit attribution (gpt2np/attribute.py).
+
+Golden values come from transformers' own intermediate values on the same checkpoint (its embedding
+modules, each block's attention and MLP outputs and the input of each c_proj, captured with torch hooks
+in the reference only), combined in float64 by the convention the module states; never from gpt2np's
+arrays. The sums are held against the model's own logits (gpt2np's and transformers').
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpt2np
+from gpt2np.attribute import attribute, decompose, find_row
+from gpt2np.config import Config
+
+F32 = float(np.finfo(np.float32).eps)
+CONFIG = Config(n_layer=3, n_head=3, n_embd=48, n_positions=64, vocab_size=400)
+
+
+@pytest.fixture(scope="module", params=["tied", "untied"])
+def pair(request, make_checkpoint, reference_model):
+    """(gpt2np model, transformers model) on one random checkpoint, tied and untied head."""
+    untied = request.param == "untied"
+    folder = make_checkpoint(CONFIG, layout="hf" if untied else "official", seed=3, scale=10.0, untied_head=untied)
+    return gpt2np.load(folder), reference_model(folder)
+
+
+def reference_parts(ref, torch, ids):
+    """transformers' own values, float64: wte[ids], wpe[pos], per block attn / mlp outputs, per-head
+    outputs (c_proj's input split by head, times c_proj's rows), the final stream, and the logits."""
+    got = {"attn": [], "mlp": [], "z": [], "final": []}
+    h = ref.transformer.h
+    hooks = [blk.attn.register_forward_hook(lambda m, a, out: got["attn"].append(out[0][0].double().numpy()))
+             for blk in h]
+    hooks += [blk.mlp.register_forward_hook(lambda m, a, out: got["mlp"].append(out[0].double().numpy()))
+              for blk in h]
+    hooks += [blk.attn.c_proj.register_forward_pre_hook(lambda m, a: got["z"].append(a[0][0].double().numpy()))
+              for blk in h]
+    hooks.append(ref.transformer.ln_f.register_forward_pre_hook(
+        lambda m, a: got["final"].append(a[0][0].double().numpy())))
+    try:
+        with torch.no_grad():
+            out = ref(torch.as_tensor(np.asarray(ids))[None])
+    finally:
+        for k in hooks:
+            k.remove()
+    T = len(ids)
+    H = ref.config.n_head
+    d = ref.config.n_embd // H
+    heads = []
+    for blk, z in zip(h, got["z"]):
+        w = blk.attn.c_proj.weight.double().numpy()  # [D, D] (Conv1D: x @ w)
+        heads.append([z[:, i * d:(i + 1) * d] @ w[i * d:(i + 1) * d, :] for i in range(H)])
+    return {
+        "embed": ref.transformer.wte.weight.double().numpy()[np.asarray(ids)],
+        "pos_embed": ref.transformer.wpe.weight.double().numpy()[:T],
+        "attn": got["attn"], "mlp": got["mlp"], "heads": heads,
+        "attn_bias": [blk.attn.c_proj.bias.double().numpy() for blk in h],
+        "final": got["final"][0], "logits": out.logits[0].double().numpy(),
+        "W": ref.lm_head.weight.double().numpy(),
+        "g": ref.transformer.ln_f.weight.double().numpy(), "b": ref.transformer.ln_f.bias.double().numpy(),
+    }
+
+
+def reference_shares(r, pos, t, v, heads, eps):
+    """The stated convention in float64 on transformers' values: (c - mean c) / s . (g * u), and b . u."""
+    comps = [r["embed"][pos], r["pos_embed"][pos]]
+    for l in range(len(r["attn"])):
+        if heads:
+            comps += [hd[pos] for hd in r["heads"][l]] + [r["attn_bias"][l]]
+        else:
+            comps.append(r["attn"][l][pos])
+        comps.append(r["mlp"][l][pos])
+    x = r["final"][pos]
+    s = np.sqrt(np.mean((x - x.mean()) ** 2) + eps)
+    u = r["W"][t] - (0 if v is None else r["W"][v])
+    c = np.asarray(comps)
+    return np.append((c - c.mean(1, keepdims=True)) / s @ (r["g"] * u), r["b"] @ u)
+
+
+@pytest.mark.parametrize("heads", [False, True], ids=["blocks", "heads"])
+@pytest.mark.parametrize("versus", [None, 7], ids=["logit", "difference"])
+def test_shares_match_transformers_and_sum_to_the_logit(pair, torch, heads, versus):
+    ours, ref = pair
+    ids = np.random.default_rng(1).integers(0, CONFIG.vocab_size, 23)
+    tr = ours.forward(ids, sublayers=True, heads=True)
+    r = reference_parts(ref, torch, ids)
+    for pos in (0, 11, 22):
+        a = attribute(ours, tr, 42, versus=versus, position=pos, heads=heads)
+        want = reference_shares(r, pos, 42, versus, heads, CONFIG.layer_norm_epsilon)
+        assert len(a.labels) == len(want)
+        scale = np.abs(want).max()
+        assert np.max(np.abs(a.shares - want)) < 1e-5 * scale, a.table()
+        # the shares add up to the model's own logit (difference): gpt2np's and transformers'
+        ref_logit = r["logits"][pos, 42] - (0 if versus is None else r["logits"][pos, versus])
+        bound = 64 * F32 * np.abs(want).sum()  # float32 sums of C terms of these magnitudes
+        assert abs(a.total - a.logit) < bound
+        assert abs(a.total - ref_logit) < bound
+        assert a.labels[-1] == "ln_f.bias" and a.position == pos
+
+
+def test_decomposition_sums_to_every_row(pair):
+    ours, _ = pair
+    ids = np.random.default_rng(2).integers(0, CONFIG.vocab_size, 17)
+    tr = ours.forward(ids, sublayers=True, heads=True)
+    L = CONFIG.n_layer
+    rows = [("input", tr.resid[0])] + [(f"{l}.attn", tr.resid_mid[l]) for l in range(L)] + \
+           [(str(l), tr.resid[l + 1]) for l in range(L)] + [(None, tr.resid[L])]
+    for row, want in rows:
+        for heads in (False, True):
+            labels, parts = decompose(ours, tr, row, heads=heads)
+            assert parts.shape == (len(labels), 17, CONFIG.n_embd)
+            total = parts.astype(np.float64).sum(0)
+            assert np.max(np.abs(total - want)) < 16 * F32 * np.abs(parts).sum(0).max()
+    labels, _ = decompose(ours, tr, "1.attn")
+    assert labels == ("embed", "pos_embed", "0.attn", "0.mlp", "1.attn")
+    labels, _ = decompose(ours, tr, "1", heads=True)
+    assert labels == ("embed", "pos_embed", "0.h0", "0.h1", "0.h2", "0.attn_bias", "0.mlp",
+                      "1.h0", "1.h1", "1.h2", "1.attn_bias", "1.mlp")
+
+
+def test_heads_sum_to_attn_out(pair):
+    ours, _ = pair
+    tr = ours.forward(np.arange(30) % CONFIG.vocab_size, sublayers=True, heads=True)
+    assert tr.heads.shape == (CONFIG.n_layer, CONFIG.n_head, 30, CONFIG.n_embd)
+    for l in range(CONFIG.n_layer):
+        total = tr.heads[l].astype(np.float64).sum(0) + ours.params.h[l].attn_c_proj_bias
+        assert np.max(np.abs(total - tr.attn_out[l])) < 16 * F32 * np.abs(tr.attn_out[l]).max()
+
+
+def test_lens_frame_is_the_lens(pair):
+    """lens_logit at each row is the logit lens's own logit (ln_f at the row's scale), from gpt2np.logit_lens."""
+    ours, _ = pair
+    ids = np.random.default_rng(4).integers(0, CONFIG.vocab_size, 12)
+    tr = ours.forward(ids, sublayers=True)
+    a = attribute(ours, tr, 5, position=-1)
+    lens = gpt2np.logit_lens(ours, tr, k=CONFIG.vocab_size, sublayers=True, start=11)
+    assert a.rows == lens.rows
+    order = lens.top_ids[:, 0, :]  # [R, V] all tokens by logit
+    want = np.array([lens.top_logits[i, 0, list(order[i]).index(5)] for i in range(len(lens.rows))])
+    assert np.allclose(a.lens_logit, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert np.allclose(a.lens_change, np.diff(want), atol=2e-5 * np.abs(want).max())
+    assert a.lens_logit[-1] == pytest.approx(a.logit, rel=1e-5)
+
+
+def test_a_lens_row_is_attributed_to_its_own_logit(pair):
+    ours, _ = pair
+    tr = ours.forward(np.arange(9), sublayers=True)
+    for row in ("0.attn", "1"):
+        a = attribute(ours, tr, 3, row=row)
+        assert a.row == row and a.labels[-2] == ("0.attn" if row == "0.attn" else "1.mlp")
+        assert abs(a.total - a.lens_logit[-1]) < 64 * F32 * np.abs(a.shares).sum()
+
+
+def test_bad_input(tiny_model):
+    m = tiny_model
+    tr = m.forward(np.arange(6), sublayers=True)
+    with pytest.raises(ValueError, match="sublayers=True"):
+        attribute(m, m.forward(np.arange(6)), 3)
+    with pytest.raises(ValueError, match="heads=True"):
+        attribute(m, tr, 3, heads=True)
+    with pytest.raises(ValueError, match="position=6 is outside the text's 6 tokens"):
+        attribute(m, tr, 3, position=6)
+    with pytest.raises(ValueError, match="position=-7"):
+        attribute(m, tr, 3, position=-7)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        attribute(m, tr, m.config.vocab_size)
+    with pytest.raises(ValueError, match="encodes to 0 tokens"):
+        attribute(m, tr, "")
+    several = m.encode("hello world")
+    assert len(several) > 1
+    with pytest.raises(ValueError, match=f"encodes to {len(several)} tokens .*'hello'"):
+        attribute(m, tr, "hello world")
+    with pytest.raises(ValueError, match="row='9' names no row"):
+        decompose(m, tr, "9")
+    with pytest.raises(TypeError, match="token id or a string"):
+        attribute(m, tr, 2.0)
+    assert find_row(3, None) == find_row(3, "2")
+
+
+def test_save_and_load_round_trip(tiny_model, tmp_path):
+    tr = tiny_model.forward(np.arange(5), sublayers=True, heads=True)
+    a = attribute(tiny_model, tr, 3, versus=4, heads=True)
+    a.save(tmp_path / "a.json")
+    b = type(a).load(tmp_path / "a.json")
+    assert b.labels == a.labels and np.array_equal(b.shares, a.shares) and b.versus == 4
+    assert np.array_equal(b.lens_logit, a.lens_logit) and b.tokens == a.tokens
+    assert b.head_grid().shape == (3, 3)
