@@ -14,7 +14,7 @@ from .config import Config
 from .decoder import Decoder
 from .lens_fast import logit_lens_fast
 from .result import Lens
-from .weights import Params, read_params, resolve
+from .weights import Params, read_params, resolve, weights_path
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,8 @@ def load(name_or_path: str | Path = "gpt2", *, weights_dir: str | Path | None = 
     Parameters
     ----------
     name_or_path : ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` (or ``openai-community/...``),
-        or a folder holding config.json, model.safetensors, vocab.json and merges.txt.
+        or a folder holding config.json, model.safetensors (or the shards of model.safetensors.index.json),
+        vocab.json and merges.txt.
     weights_dir : where named checkpoints live (default ``$GPT2NP_WEIGHTS`` or ``./weights``).
     offline : never download; a missing checkpoint is an immediate error (default: ``$GPT2NP_OFFLINE``).
     device : ``'cpu'`` (NumPy) or ``'gpu'`` (CuPy, moved once after loading).
@@ -139,7 +140,7 @@ def load(name_or_path: str | Path = "gpt2", *, weights_dir: str | Path | None = 
     if enc.n_vocab != config.vocab_size:
         raise ValueError(f"{folder}: the tokenizer has {enc.n_vocab} tokens but config.json says vocab_size="
                          f"{config.vocab_size}; the files do not belong together")
-    params = read_params(folder / "model.safetensors", config)
+    params = read_params(weights_path(folder), config)
     m = Model(config, params, enc, name=folder.name, path=folder)
     return m if xp is np else m.to(device)
 
