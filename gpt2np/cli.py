@@ -303,11 +303,13 @@ def _token_stream(model, ids, args):
 def _write_stream(model, tokens, out) -> list[int]:
     """Print each token as soon as it comes (flushed), holding back only the bytes of a UTF-8
     character split across tokens; return the tokens."""
+    from .tokenizer import token_bytes
+
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     done = []
     for t in tokens:
         done.append(int(t))
-        out.write(decoder.decode(model.tokenizer.decode_single_token_bytes(int(t))))
+        out.write(decoder.decode(token_bytes(model.tokenizer, int(t), model.config.vocab_size)))
         out.flush()
     out.write(decoder.decode(b"", final=True))
     return done

@@ -425,3 +425,10 @@ def test_device_gpu_gives_the_cpu_results(capsys, ckpt):
     assert a == b
     code, out, _ = run(capsys, "score", TEXT, "--model", ckpt, "--device", "gpu", "--json")
     assert code == 0 and json.loads(out)["n_scored"] > 0
+
+
+def test_generate_prints_ids_without_text_as_their_number(ckpt, make_checkpoint):
+    m = gpt2np.load(make_checkpoint(vocab_size=448, tokenizer_dir=ckpt))
+    out = io.StringIO()
+    assert cli._write_stream(m, iter([72, 420, 447]), out) == [72, 420, 447]
+    assert out.getvalue() == m.decode([72]) + "<id 420><id 447>"

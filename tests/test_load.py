@@ -294,7 +294,7 @@ def test_extra_tensors(tiny_checkpoint, copy_checkpoint):
 
 
 @pytest.mark.parametrize("change,error,message", [
-    ({"vocab_size": 401}, ValueError, r"the tokenizer has 400 tokens but config.json says vocab_size=401"),
+    ({"vocab_size": 399}, ValueError, r"the tokenizer has 400 tokens but config.json says vocab_size=399"),
     ({"activation_function": "gelu"}, ValueError, r"activation_function='gelu'; gpt2np implements GPT-2's 'gelu_new'"),
     ({"n_head": 5}, ValueError, r"n_embd=48 is not divisible by n_head=5"),
     ({"n_embd": None}, ValueError, r"config.json lacks n_embd: is this a GPT-2 config.json\?"),
@@ -754,3 +754,82 @@ def test_download_of_a_sharded_repository(tmp_path, sharded, monkeypatch):
     drop.append(shard_names(folder)[-1])  # the hub answers without one shard
     with pytest.raises(ConnectionError, match=rf"did not complete \(missing {shard_names(folder)[-1]}\)"):
         gpt2np.download("gpt2-medium", root=tmp_path / "w")
+
+
+# ---------------------------------------------------------------------------------------------
+# a vocabulary larger than the tokenizer's: an added pad token, an unembedding padded to 64
+
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory, torch, transformers, real_tokenizer_dir):
+    """``padded(kind)``: (folder, transformers model) of a small GPT-2 with the real tokenizer, its embedding
+    resized as users do: "pad" adds [PAD] (V = 50258, tokenizer saved by transformers beside the
+    weights), "64" pads V to a multiple of 64 (V = 50304, vocab.json and merges.txt only)."""
+    made = {}
+
+    def make(kind):
+        if kind in made:
+            return made[kind]
+        torch.manual_seed(1)
+        config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=50257)
+        ref = transformers.GPT2LMHeadModel(config)
+        folder = tmp_path_factory.mktemp(f"vocab-{kind}")
+        if kind == "pad":
+            tok = transformers.GPT2Tokenizer.from_pretrained(str(real_tokenizer_dir))
+            tok.add_special_tokens({"pad_token": "[PAD]"})
+            ref.resize_token_embeddings(len(tok))
+            tok.save_pretrained(str(folder))
+        else:
+            ref.resize_token_embeddings(50257, pad_to_multiple_of=64)
+            for f in ("vocab.json", "merges.txt"):
+                shutil.copyfile(real_tokenizer_dir / f, folder / f)
+        ref.save_pretrained(folder)
+        made[kind] = folder, ref.float().eval()
+        return made[kind]
+    return make
+
+
+@pytest.mark.parametrize("kind,V", [("pad", 50258), ("64", 50304)])
+def test_vocabulary_larger_than_the_tokenizer(padded, reference_run, relative_error, kind, V):
+    folder, ref = padded(kind)
+    m = gpt2np.load(folder)
+    assert m.config.vocab_size == V and m.params.wte.shape == (V, 32)
+    ids = np.array([15496, 995, 50256, V - 1, 11, V - 2, 0])
+    logits, _ = reference_run(ref, ids)
+    assert logits.shape == (7, V)
+    got = m.forward(ids).logits
+    assert got.shape == (7, V) and relative_error(got, logits) < 1e-5  # every column, as transformers computes it
+
+
+def test_added_pad_token_reads_as_its_text(padded, transformers):
+    folder, _ = padded("pad")
+    m = gpt2np.load(folder)
+    tok = transformers.GPT2Tokenizer.from_pretrained(str(folder))
+    text = "Hello[PAD] world<|endoftext|>[PAD]"
+    ids = m.encode(text)
+    assert ids.tolist() == tok(text, add_special_tokens=False)["input_ids"] and 50257 in ids.tolist()
+    assert m.decode(ids) == tok.decode(ids.tolist()) == text
+    assert m.tokens([50257, 15496]) == ["[PAD]", "Hello"]
+
+
+def test_ids_without_text_read_as_their_number(padded):
+    folder, _ = padded("64")
+    m = gpt2np.load(folder)
+    assert m.tokens([15496, 50257, 50303]) == ["Hello", "<id 50257>", "<id 50303>"]
+    assert m.decode([15496, 50300, 995]) == "Hello<id 50300> world"
+    lens = gpt2np.logit_lens(m, m.forward([15496, 50300, 995]), k=2)
+    assert lens.tokens.tolist() == ["Hello", "<id 50300>", " world"]  # what tables and figures show
+    for i, t in zip(lens.top_ids.reshape(-1), lens.top_tokens.reshape(-1)):
+        assert t == (f"<id {i}>" if i >= 50257 else m.tokens([i])[0])
+
+
+@pytest.mark.parametrize("ids,bad,position", [([15496, 50304], 50304, 1), ([-1], -1, 0), ([10**6, 3], 10**6, 0)])
+def test_decode_of_an_id_outside_the_model(padded, tiny_model, ids, bad, position):
+    m = gpt2np.load(padded("64")[0])
+    with pytest.raises(ValueError, match=rf"token id {bad} at position {position} is outside the vocabulary "
+                                         r"\[0, 50304\)"):
+        m.decode(ids)
+    with pytest.raises(ValueError, match=rf"token id {bad} at position {position} is outside the vocabulary \[0, 50304\)"):
+        m.tokens(ids)
+    with pytest.raises(ValueError, match=r"token id 400 at position 0 is outside the vocabulary \[0, 400\)"):
+        tiny_model.decode([400])
