@@ -14,7 +14,7 @@ from .config import Config
 from .decoder import Decoder
 from .lens_fast import logit_lens_fast
 from .result import Lens
-from .weights import Params, read_params, resolve, weights_path
+from .weights import Params, read_params, resolve, stored_tensors, weights_path
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,18 @@ def load(name_or_path: str | Path = "gpt2", *, weights_dir: str | Path | None = 
     params = read_params(weights_path(folder), config)
     m = Model(config, params, enc, name=folder.name, path=folder)
     return m if xp is np else m.to(device)
+
+
+def check_folder(path: str | Path) -> Config:
+    """Every check ``load`` makes on a checkpoint folder, without reading tensor data; its Config.
+
+    Files, config.json, the tokenizer, the safetensors headers (or the index and its shards), tensor
+    names, shapes and dtypes: whatever would make ``load`` fail raises the same error here.
+    """
+    folder = resolve(path, download_missing=False)
+    config, _ = _config_and_tokenizer(folder)
+    stored_tensors(weights_path(folder), config)
+    return config
 
 
 def _config_and_tokenizer(folder: Path) -> tuple[Config, tiktoken.Encoding]:

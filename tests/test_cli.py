@@ -427,6 +427,54 @@ def test_device_gpu_gives_the_cpu_results(capsys, ckpt):
     assert code == 0 and json.loads(out)["n_scored"] > 0
 
 
+# -------------------------------------------------------------------------------------------------
+# info says [complete] only for a folder that loads
+
+
+def test_info_of_a_folder_that_does_not_load(capsys, ckpt, tmp_path):
+    folder = shutil.copytree(ckpt, tmp_path / "damaged")
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    begin = header["ln_f.bias"]["data_offsets"][0]
+    header["ln_f.bias"]["data_offsets"] = [begin, begin + 4]  # the span does not fit the shape
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    code, out, _ = run(capsys, "info", folder)
+    assert code == 1 and "[complete]" not in out
+    assert f"[does not load: {path}: tensor ln_f.bias's data_offsets [{begin}, {begin + 4}] hold 4 bytes" in out
+    cfg = json.loads((folder / "config.json").read_text())
+    path.write_bytes(data)
+    (folder / "config.json").write_text(json.dumps({**cfg, "vocab_size": 399}))
+    code, out, _ = run(capsys, "info", folder)
+    assert code == 1 and "[does not load: " in out and "the tokenizer has 400 tokens but config.json says " \
+                                                        "vocab_size=399" in out
+
+
+def test_info_of_a_sharded_folder_and_of_a_padded_vocabulary(capsys, ckpt, tmp_path, make_checkpoint):
+    from safetensors.numpy import load_file, save_file
+
+    folder = shutil.copytree(ckpt, tmp_path / "sharded")
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(folder / shard), metadata={"format": "pt"})
+    weight_map = {k: s for s, keys in shards.items() for k in keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    code, out, _ = run(capsys, "info", folder)
+    assert code == 0 and "[complete]" in out
+    lines = out.splitlines()
+    files = next(i for i, ln in enumerate(lines) if ln.startswith("files"))
+    listed = [ln[12:].split()[0] for ln in lines[files:]]  # "files       NAME  SIZE", then "            NAME  SIZE"
+    assert listed == ["config.json", "model.safetensors.index.json", *shards, "vocab.json", "merges.txt"]
+    padded = make_checkpoint(vocab_size=448, tokenizer_dir=ckpt)  # the 400-token tokenizer, V = 448
+    code, out, _ = run(capsys, "info", padded)
+    assert code == 0 and "[complete]" in out and "vocab_size=448" in out
+
+
 def test_generate_prints_ids_without_text_as_their_number(ckpt, make_checkpoint):
     m = gpt2np.load(make_checkpoint(vocab_size=448, tokenizer_dir=ckpt))
     out = io.StringIO()

@@ -575,6 +575,8 @@ def test_header_that_does_not_describe_the_file(tiny_checkpoint, copy_checkpoint
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}.*{message}") as e:
         gpt2np.load(folder)
     assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=message):
+        gpt2np.api.check_folder(folder)
 
 
 def test_header_entry_that_is_not_a_tensor(tiny_checkpoint, copy_checkpoint):
@@ -833,3 +835,39 @@ def test_decode_of_an_id_outside_the_model(padded, tiny_model, ids, bad, positio
         m.tokens(ids)
     with pytest.raises(ValueError, match=r"token id 400 at position 0 is outside the vocabulary \[0, 400\)"):
         tiny_model.decode([400])
+
+
+# ---------------------------------------------------------------------------------------------
+# check_folder: every check of load, no tensor data read
+
+
+def break_shape(folder):
+    rewrite_tensors(folder, lambda t: t.update({"ln_f.bias": t["ln_f.bias"][:10].copy()}))
+
+
+def break_header(folder):
+    rewrite_header(folder / "model.safetensors", lambda h: h["wte.weight"].update(dtype="F16"))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda f: rewrite_config(f, vocab_size=300), lambda f: rewrite_config(f, n_layer=4), break_shape, break_header,
+    lambda f: (f / "merges.txt").write_text("#version: 0.2\nq z\n"), lambda f: (f / "config.json").write_text("{"),
+    lambda f: (f / "vocab.json").unlink(), lambda f: (f / weights.INDEX).write_text("{}"),
+], ids=["vocab", "n_layer", "shape", "header", "merges", "config", "no-vocab", "ambiguous"])
+def test_check_folder_fails_as_load_fails(tiny_checkpoint, copy_checkpoint, damage):
+    folder = copy_checkpoint(tiny_checkpoint)
+    damage(folder)
+    with pytest.raises((ValueError, OSError)) as loading:
+        gpt2np.load(folder)
+    with pytest.raises(type(loading.value)) as checking:
+        gpt2np.api.check_folder(folder)
+    assert str(checking.value) == str(loading.value)
+
+
+def test_check_folder_reads_no_tensor_data(tiny_checkpoint, monkeypatch, tiny_config):
+    def refuse(*args):
+        raise AssertionError("check_folder read tensor data")
+    monkeypatch.setattr(weights, "_read_into", refuse)
+    assert gpt2np.api.check_folder(tiny_checkpoint) == tiny_config
+    with pytest.raises(AssertionError, match="read tensor data"):
+        gpt2np.load(tiny_checkpoint)
