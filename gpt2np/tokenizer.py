@@ -61,19 +61,10 @@ def load_tokenizer(folder: str | Path, name: str = "gpt2") -> tiktoken.Encoding:
         raise FileNotFoundError(f"{p} is missing: the tokenizer needs vocab.json and merges.txt, or tokenizer.json")
     ranks = _ranks(vocab, merges, *names)
     added = added_tokens(folder, vocab)
-    # <|endoftext|> and the added tokens are matched in the text before BPE, as transformers does;
-    # an added token that BPE also makes stays an ordinary token.
-    specials = {t: i for t, i in vocab.items() if (t == EOT or t in added) and t not in _ordinary(ranks, t)}
-    specials |= {t: i for t, i in added.items() if t not in vocab}
+    # <|endoftext|> and the added tokens are matched in the text before BPE, as transformers does
+    # (every other token of the vocabulary is one of the ranks: _ranks checks it).
+    specials = {t: i for t, i in vocab.items() if t == EOT} | {t: i for t, i in added.items() if t not in vocab}
     return tiktoken.Encoding(name, pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=specials)
-
-
-def _ordinary(ranks: dict[bytes, int], token: str) -> set[str]:
-    """{token} if BPE makes ``token`` (it is one of ``ranks``), else the empty set."""
-    to_byte = {c: b for b, c in byte_to_unicode().items()}
-    if all(c in to_byte for c in token) and bytes(to_byte[c] for c in token) in ranks:
-        return {token}
-    return set()
 
 
 def _read_json(path: Path):

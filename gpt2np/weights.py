@@ -16,6 +16,7 @@ on misaligned float32 views ran 30% slower.) Nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -291,8 +292,9 @@ def read_header(path: Path) -> tuple[dict, int]:
     previous, at = None, 0
     for (begin, stop), k in spans:
         if begin != at:
+            after = f"tensor {previous}'s" if previous else "the header"
             what = (f"overlaps tensor {previous}'s, which ends at {at}" if begin < at else
-                    f"starts {begin - at} bytes after the end of " + (f"tensor {previous}'s" if previous else "the header"))
+                    f"starts {begin - at} bytes after the end of {after}")
             raise ValueError(f"{path}: tensor {k}'s data_offsets [{begin}, {stop}] {what}; "
                              "the header does not describe the file: download it again")
         previous, at = k, stop
@@ -304,15 +306,16 @@ def read_header(path: Path) -> tuple[dict, int]:
 
 def _span(path: Path, name: str, info) -> tuple[int, int]:
     """A header entry's data_offsets, checked against its dtype and shape."""
-    dtype, shape, offsets = (info.get(k) for k in ("dtype", "shape", "data_offsets")) if isinstance(info, dict) else [None] * 3
-    if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or not isinstance(offsets, list)
-            or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets)):
+    entry = info if isinstance(info, dict) else {}
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    counts = (shape if isinstance(shape, list) else [None]) + (offsets if isinstance(offsets, list) else [None])
+    if not all(type(x) is int and x >= 0 for x in counts) or len(offsets) != 2:
         raise ValueError(f"{path}: tensor {name} has an unreadable header entry {info!r}; download the file again")
     if dtype not in _ITEMSIZE:
         raise ValueError(f"{path}: tensor {name} has dtype {dtype!r}, which safetensors does not define; "
                          "download the file again")
     begin, end = offsets
-    need = int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype]
+    need = math.prod(shape) * _ITEMSIZE[dtype]
     if end - begin != need:
         raise ValueError(f"{path}: tensor {name}'s data_offsets [{begin}, {end}] hold {end - begin} bytes, but shape "
                          f"{shape} in {dtype} takes {need}; the header does not describe the file: download it again")
