@@ -402,7 +402,7 @@ def _size(n: int) -> str:
 
 def cmd_info(args) -> int:
     from .api import check_folder
-    from .config import SIZES, Config
+    from .config import SIZES, Config, arithmetic_options
     from .weights import (HUB_PREFIX, canonical_name, checkpoint_files, missing_files, resolve, stored_tensors,
                           weights_dir, weights_path)
 
@@ -414,21 +414,31 @@ def cmd_info(args) -> int:
     else:
         folder = resolve(args.model, download_missing=False)
         missing, source = [], args.model
-    config = Config.from_json(folder / "config.json") if not missing else SIZES[name]
+    config = SIZES[name] if missing else None
     where = f" --weights-dir {args.weights_dir}" if args.weights_dir else ""
-    problem = None
+    problem, options = None, None
     if not missing:  # "complete" only for a folder that loads: every check load makes, no tensor data read
         try:
-            check_folder(folder)
+            config = check_folder(folder)
         except (ValueError, OSError) as e:
             problem = _one_line(e)
+        try:
+            options = arithmetic_options(folder / "config.json")
+            config = config or Config.from_json(folder / "config.json")
+        except (ValueError, OSError):
+            pass  # a config.json that cannot be read: the status says why
     status = ("complete" if problem is None else f"does not load: {problem}") if not missing else (
         f"not downloaded (missing {', '.join(missing)}); run `gpt2np download {name}{where}`")
     print(f"model       {source}")
     print(f"folder      {folder.resolve() if folder.exists() else folder}  [{status}]")
-    print(f"config      n_layer={config.n_layer}  n_head={config.n_head}  n_embd={config.n_embd}  "
-          f"d_mlp={config.d_mlp}  n_positions={config.n_positions}  vocab_size={config.vocab_size}")
-    print(f"parameters  {config.n_params:,} (tied unembedding counted once)")
+    if config is not None:
+        print(f"config      n_layer={config.n_layer}  n_head={config.n_head}  n_embd={config.n_embd}  "
+              f"d_mlp={config.d_mlp}  n_positions={config.n_positions}  vocab_size={config.vocab_size}")
+    if options is not None:  # every option of config.json that changes the arithmetic, implemented or not
+        shown = "  ".join(f"{k}={json.dumps(v)}" for k, v in options.items())
+        print(f"options     {shown or 'none: the arithmetic of GPT-2 itself'}")
+    if config is not None:
+        print(f"parameters  {config.n_params:,} (tied unembedding counted once)")
     if not missing and problem is None:
         head = stored_tensors(weights_path(folder), config).get("lm_head.weight")
         if head is not None:

@@ -366,6 +366,10 @@ def stored_tensors(path: str | Path, config: Config) -> dict[str, Stored]:
                          "check config.json (n_layer) and the file")
     if "lm_head.weight" in tensors:
         shapes["lm_head.weight"] = shapes["wte.weight"]
+    elif not config.tie_word_embeddings:
+        raise ValueError(f"{path} has no lm_head.weight, but config.json says tie_word_embeddings=false (a "
+                         "separate head); transformers would start that head at random: add the head's tensor "
+                         "or set tie_word_embeddings to true")
     for k, want in shapes.items():
         t = tensors[k]
         if t.shape != want:

@@ -295,7 +295,7 @@ def test_extra_tensors(tiny_checkpoint, copy_checkpoint):
 
 @pytest.mark.parametrize("change,error,message", [
     ({"vocab_size": 399}, ValueError, r"the tokenizer has 400 tokens but config.json says vocab_size=399"),
-    ({"activation_function": "gelu"}, ValueError, r"activation_function='gelu'; gpt2np implements GPT-2's 'gelu_new'"),
+    ({"activation_function": "gelu"}, ValueError, r'activation_function="gelu" is not implemented by gpt2np \(GPT-2.s tanh GELU only'),
     ({"n_head": 5}, ValueError, r"n_embd=48 is not divisible by n_head=5"),
     ({"n_embd": None}, ValueError, r"config.json lacks n_embd: is this a GPT-2 config.json\?"),
 ])
