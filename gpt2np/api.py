@@ -14,7 +14,7 @@ from .config import Config
 from .decoder import Decoder
 from .lens_fast import logit_lens_fast
 from .result import Lens
-from .weights import Params, read_params, resolve
+from .weights import Params, read_params, resolve, stored_tensors, weights_path
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,12 @@ class Model:
         return tokenizer.encode(self.tokenizer, text, special=special)
 
     def decode(self, ids) -> str:
-        """Ids -> text."""
-        return tokenizer.decode(self.tokenizer, ids)
+        """Ids -> text. Ids of the model with no text in the tokenizer read ``<id N>``; others are an error."""
+        return tokenizer.decode(self.tokenizer, ids, self.config.vocab_size)
 
     def tokens(self, ids) -> list[str]:
-        """One display string per id."""
-        return tokenizer.token_strings(self.tokenizer, ids)
+        """One display string per id (``<id N>`` as in ``decode``)."""
+        return tokenizer.token_strings(self.tokenizer, ids, self.config.vocab_size)
 
     def generate(self, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop_at_eot: bool = False) -> np.ndarray:
@@ -127,21 +127,40 @@ def load(name_or_path: str | Path = "gpt2", *, weights_dir: str | Path | None = 
     Parameters
     ----------
     name_or_path : ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` (or ``openai-community/...``),
-        or a folder holding config.json, model.safetensors, vocab.json and merges.txt.
+        or a folder holding config.json, model.safetensors (or the shards of model.safetensors.index.json),
+        vocab.json and merges.txt (or tokenizer.json).
     weights_dir : where named checkpoints live (default ``$GPT2NP_WEIGHTS`` or ``./weights``).
     offline : never download; a missing checkpoint is an immediate error (default: ``$GPT2NP_OFFLINE``).
     device : ``'cpu'`` (NumPy) or ``'gpu'`` (CuPy, moved once after loading).
     """
     xp = backend.device_namespace(device)  # fail early if the GPU is not usable
     folder = resolve(name_or_path, root=weights_dir, offline=offline)
-    config = Config.from_json(folder / "config.json")
-    enc = tokenizer.load_tokenizer(folder, name=folder.name)
-    if enc.n_vocab != config.vocab_size:
-        raise ValueError(f"{folder}: the tokenizer has {enc.n_vocab} tokens but config.json says vocab_size="
-                         f"{config.vocab_size}; the files do not belong together")
-    params = read_params(folder / "model.safetensors", config)
+    config, enc = _config_and_tokenizer(folder)
+    params = read_params(weights_path(folder), config)
     m = Model(config, params, enc, name=folder.name, path=folder)
     return m if xp is np else m.to(device)
+
+
+def check_folder(path: str | Path) -> Config:
+    """Every check ``load`` makes on a checkpoint folder, without reading tensor data; its Config.
+
+    Files, config.json, the tokenizer, the safetensors headers (or the index and its shards), tensor
+    names, shapes and dtypes: whatever would make ``load`` fail raises the same error here.
+    """
+    folder = resolve(path, download_missing=False)
+    config, _ = _config_and_tokenizer(folder)
+    stored_tensors(weights_path(folder), config)
+    return config
+
+
+def _config_and_tokenizer(folder: Path) -> tuple[Config, tiktoken.Encoding]:
+    """config.json and the tokenizer, which may have fewer tokens than the model (a padded vocabulary)."""
+    config = Config.from_json(folder / "config.json")
+    enc = tokenizer.load_tokenizer(folder, name=folder.name)
+    if enc.n_vocab > config.vocab_size:
+        raise ValueError(f"{folder}: the tokenizer has {enc.n_vocab} tokens but config.json says vocab_size="
+                         f"{config.vocab_size}; the files do not belong together")
+    return config, enc
 
 
 def logit_lens(model: Model, trace, *, k: int = 5, step: int = 1, include_input: bool = True,

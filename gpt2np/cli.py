@@ -303,11 +303,13 @@ def _token_stream(model, ids, args):
 def _write_stream(model, tokens, out) -> list[int]:
     """Print each token as soon as it comes (flushed), holding back only the bytes of a UTF-8
     character split across tokens; return the tokens."""
+    from .tokenizer import token_bytes
+
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     done = []
     for t in tokens:
         done.append(int(t))
-        out.write(decoder.decode(model.tokenizer.decode_single_token_bytes(int(t))))
+        out.write(decoder.decode(token_bytes(model.tokenizer, int(t), model.config.vocab_size)))
         out.flush()
     out.write(decoder.decode(b"", final=True))
     return done
@@ -399,8 +401,10 @@ def _size(n: int) -> str:
 
 
 def cmd_info(args) -> int:
-    from .config import SIZES, Config
-    from .weights import FILES, HUB_PREFIX, canonical_name, missing_files, read_header, resolve, weights_dir
+    from .api import check_folder
+    from .config import SIZES, Config, arithmetic_options
+    from .weights import (HUB_PREFIX, canonical_name, checkpoint_files, missing_files, resolve, stored_tensors,
+                          weights_dir, weights_path)
 
     name = canonical_name(args.model)
     if name is not None and not Path(args.model).is_dir():
@@ -410,26 +414,41 @@ def cmd_info(args) -> int:
     else:
         folder = resolve(args.model, download_missing=False)
         missing, source = [], args.model
-    config = Config.from_json(folder / "config.json") if not missing else SIZES[name]
+    config = SIZES[name] if missing else None
     where = f" --weights-dir {args.weights_dir}" if args.weights_dir else ""
-    status = "complete" if not missing else (f"not downloaded (missing {', '.join(missing)}); "
-                                             f"run `gpt2np download {name}{where}`")
+    problem, options = None, None
+    if not missing:  # "complete" only for a folder that loads: every check load makes, no tensor data read
+        try:
+            config = check_folder(folder)
+        except (ValueError, OSError) as e:
+            problem = _one_line(e)
+        try:
+            options = arithmetic_options(folder / "config.json")
+            config = config or Config.from_json(folder / "config.json")
+        except (ValueError, OSError):
+            pass  # a config.json that cannot be read: the status says why
+    status = ("complete" if problem is None else f"does not load: {problem}") if not missing else (
+        f"not downloaded (missing {', '.join(missing)}); run `gpt2np download {name}{where}`")
     print(f"model       {source}")
     print(f"folder      {folder.resolve() if folder.exists() else folder}  [{status}]")
-    print(f"config      n_layer={config.n_layer}  n_head={config.n_head}  n_embd={config.n_embd}  "
-          f"d_mlp={config.d_mlp}  n_positions={config.n_positions}  vocab_size={config.vocab_size}")
-    print(f"parameters  {config.n_params:,} (tied unembedding counted once)")
-    if not missing:
-        header, _ = read_header(folder / "model.safetensors")
-        head = header.get("lm_head.weight") or header.get("transformer.lm_head.weight")
+    if config is not None:
+        print(f"config      n_layer={config.n_layer}  n_head={config.n_head}  n_embd={config.n_embd}  "
+              f"d_mlp={config.d_mlp}  n_positions={config.n_positions}  vocab_size={config.vocab_size}")
+    if options is not None:  # every option of config.json that changes the arithmetic, implemented or not
+        shown = "  ".join(f"{k}={json.dumps(v)}" for k, v in options.items())
+        print(f"options     {shown or 'none: the arithmetic of GPT-2 itself'}")
+    if config is not None:
+        print(f"parameters  {config.n_params:,} (tied unembedding counted once)")
+    if not missing and problem is None:
+        head = stored_tensors(weights_path(folder), config).get("lm_head.weight")
         if head is not None:
-            print(f"            + lm_head.weight {head['shape']} stored in the file (untied head, or a copy of wte)")
-    present = [f for f in FILES if (folder / f).is_file()]
+            print(f"            + lm_head.weight {list(head.shape)} stored in the file (untied head, or a copy of wte)")
+    present = checkpoint_files(folder)
     if present:
         fw = max(len(f) for f in present)
         for i, f in enumerate(present):
             print(f"{'files' if i == 0 else '':<12}{f:<{fw}}  {_size((folder / f).stat().st_size)}")
-    return 0
+    return 1 if problem else 0
 
 
 # -------------------------------------------------------------------------------------------------

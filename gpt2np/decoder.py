@@ -53,10 +53,12 @@ def select_rows(n_layer: int, *, step: int = 1, include_input: bool = True, subl
 
 def run_blocks(model, x, first: int):
     """Run blocks ``first..L-1`` on a whole prefix ``x [T, D]`` exactly as the model does -> ``[T, D]``."""
-    p, eps, H = model.params, model.config.layer_norm_epsilon, model.config.n_head
-    for b in p.h[first:]:
-        x = x + M.attention(M.layer_norm(x, b.ln_1_weight, b.ln_1_bias, eps), b, H)[0]  # [T, D]
-        x = x + M.mlp(M.layer_norm(x, b.ln_2_weight, b.ln_2_bias, eps), b)  # [T, D]
+    c = model.config
+    for l in range(first, c.n_layer):
+        b = model.params.h[l]
+        x = x + M.attention(M.layer_norm(x, b.ln_1_weight, b.ln_1_bias, c.layer_norm_epsilon), b, c.n_head,
+                            c.attn_scale(l))[0]  # [T, D]
+        x = x + M.mlp(M.layer_norm(x, b.ln_2_weight, b.ln_2_bias, c.layer_norm_epsilon), b)  # [T, D]
     return x
 
 

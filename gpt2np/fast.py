@@ -14,8 +14,8 @@ CuPy and other array-API arrays take the plain path. What changes is how the wor
   scores of as many heads as fit in ``SCORE_BYTES`` (one head when the chunk alone is that large)
   are a contiguous ``[heads, CHUNK, S]`` block that stays in the L2 cache while softmax passes over
   it; stacking heads in one call saves Python's per-call cost (T = 1024: 13 ms a block instead of
-  15; T = 16: 0.05 ms instead of 0.14). ``1/sqrt(d)`` scales ``q`` (a power of two for d = 64:
-  exact); the row sums come from a BLAS matrix-vector product; the division by them is applied to
+  15; T = 16: 0.05 ms instead of 0.14). the score scale (``config.attn_scale``: GPT-2's 1/sqrt(d), a
+  power of two for d = 64, exact) multiplies ``q``; the row sums come from a BLAS matrix-vector product; the division by them is applied to
   the ``[C, d]`` output, not to the ``[C, S]`` probabilities (which are divided only when the
   patterns are kept).
 * **GELU in cache-sized blocks**: its nine passes run over ``GELU_ROWS`` rows at a time.
@@ -190,7 +190,6 @@ def _forward(params: Params, config: Config, ids, sublayers: bool, patterns: boo
     L, T, D, H = config.n_layer, ids.shape[0], config.n_embd, config.n_head
     F, eps, dt = config.d_mlp, config.layer_norm_epsilon, params.wte.dtype
     d = D // H
-    scale = 1.0 / math.sqrt(d)
 
     def run(fn, tasks):
         """fn(task) for every task, on the worker threads when there are several."""
@@ -239,12 +238,14 @@ def _forward(params: Params, config: Config, ids, sublayers: bool, patterns: boo
         xm = mid[l] if sublayers else mid_buf  # resid_mid [T, D]
         m = mlp_outs[l] if sublayers else m_buf  # [T, D]
 
-        def qkv_rows(w, p=p, x=x):
+        scale = config.attn_scale(l)  # GPT-2: 1/sqrt(d)
+
+        def qkv_rows(w, p=p, x=x, scale=scale):
             r = rows[w]
             layer_norm_(x[r], p.ln_1_weight, p.ln_1_bias, eps, out=ln[r])
             np.matmul(ln[r], p.attn_c_attn_weight, out=qkv[r])  # [R, D] -> [R, 3D]
             qkv[r] += p.attn_c_attn_bias
-            qkv[r, :D] *= scale  # q / sqrt(d)
+            qkv[r, :D] *= scale  # q * scale: for d = 64, 1/8 (exact, the same bits as scaling the scores)
             np.copyto(k[:, r], heads[1, :, r])
             np.copyto(v[:, r], heads[2, :, r])
 

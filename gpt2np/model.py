@@ -61,19 +61,20 @@ def merge_heads(x):
     return xp.reshape(xp.permute_dims(x, (1, 0, 2)), (T, H * d))
 
 
-def attend(q, k, v):
+def attend(q, k, v, scale: float):
     """Causal scaled dot-product attention. ``q [H, T, d]``, ``k, v [H, S, d]`` with S >= T; the T
-    queries are the last T of the S positions. Returns ``(out [H, T, d], pattern [H, T, S])``."""
+    queries are the last T of the S positions; ``scale`` is ``config.attn_scale(l)`` (GPT-2: 1/sqrt(d)).
+    Returns ``(out [H, T, d], pattern [H, T, S])``."""
     xp = namespace(q)
-    T, S, d = q.shape[1], k.shape[1], q.shape[2]
-    scores = (q @ xp.permute_dims(k, (0, 2, 1))) * (1.0 / math.sqrt(d))  # [H, T, S]
+    T, S = q.shape[1], k.shape[1]
+    scores = (q @ xp.permute_dims(k, (0, 2, 1))) * scale  # [H, T, S]
     allowed = xp.arange(S)[None, :] <= xp.arange(S - T, S)[:, None]  # [T, S]
     pattern = softmax(xp.where(allowed, scores, MASKED))  # [H, T, S]
     return pattern @ v, pattern  # [H, T, d], [H, T, S]
 
 
-def attention(x, p: Block, n_head: int, past=None):
-    """Multi-head causal self-attention on the normalised stream ``x [T, D]``.
+def attention(x, p: Block, n_head: int, scale: float, past=None):
+    """Multi-head causal self-attention on the normalised stream ``x [T, D]``; scores times ``scale``.
 
     ``past`` is an optional ``(k, v)`` pair of ``[H, S0, d]`` from earlier positions (KV cache).
     Returns ``(out [T, D], pattern [H, T, S], (k, v) [H, S, d])`` with S = S0 + T.
@@ -84,7 +85,7 @@ def attention(x, p: Block, n_head: int, past=None):
     q, k, v = (split_heads(qkv[:, i * D:(i + 1) * D], n_head) for i in range(3))  # [H, T, d] each
     if past is not None:
         k, v = xp.concat((past[0], k), axis=1), xp.concat((past[1], v), axis=1)  # [H, S, d]
-    out, pattern = attend(q, k, v)  # [H, T, d], [H, T, S]
+    out, pattern = attend(q, k, v, scale)  # [H, T, d], [H, T, S]
     return merge_heads(out) @ p.attn_c_proj_weight + p.attn_c_proj_bias, pattern, (k, v)  # [T, D]
 
 
@@ -153,7 +154,8 @@ def forward(params: Params, config: Config, ids, *, sublayers: bool = False, pat
     x = embed(params, ids)  # [T, D]
     resid[0, ...] = x
     for l, p in enumerate(params.h):
-        a, pattern, _ = attention(layer_norm(x, p.ln_1_weight, p.ln_1_bias, eps), p, config.n_head)  # [T, D]
+        a, pattern, _ = attention(layer_norm(x, p.ln_1_weight, p.ln_1_bias, eps), p, config.n_head,
+                                  config.attn_scale(l))  # [T, D]
         x = x + a  # resid_mid [T, D]
         if sublayers:
             attn_outs[l, ...], mid[l, ...] = a, x

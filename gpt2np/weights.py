@@ -1,6 +1,9 @@
 """Checkpoints: find or download a GPT-2 folder, and read its ``model.safetensors`` into NumPy.
 
 A checkpoint folder holds ``config.json``, ``model.safetensors``, ``vocab.json`` and ``merges.txt``.
+The weights may instead be sharded, as ``save_pretrained(..., max_shard_size=...)`` writes them:
+``model-00001-of-0000N.safetensors`` and so on, and ``model.safetensors.index.json`` naming the shard
+of every tensor. The tokenizer may instead be ``tokenizer.json`` alone (see ``tokenizer.py``).
 Two tensor layouts are accepted (see ``shared/reference/gpt2-facts.md``): the official one
 (``wte.weight``, ``h.0.attn.c_attn.weight``, causal-mask buffers ``h.*.attn.bias`` stored) and the
 one ``GPT2LMHeadModel.save_pretrained`` writes (every name prefixed ``transformer.``, no buffers).
@@ -13,6 +16,7 @@ on misaligned float32 views ran 30% slower.) Nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +28,10 @@ import numpy as np
 from .backend import usable_cores
 from .config import SIZES, Config
 
-FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
+FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")  # an official checkpoint
+INDEX = "model.safetensors.index.json"  # the tensor -> shard map of a sharded checkpoint
+# What a download fetches: the four files, or the index and its shards where the weights are sharded.
+DOWNLOAD_PATTERNS = ("config.json", "model*.safetensors", INDEX, "vocab.json", "merges.txt")
 HUB_PREFIX = "openai-community/"
 WEIGHTS_ENV = "GPT2NP_WEIGHTS"
 OFFLINE_ENV = "GPT2NP_OFFLINE"
@@ -109,7 +116,59 @@ def weights_dir(root: str | Path | None = None) -> Path:
 
 
 def missing_files(folder: Path) -> list[str]:
-    return [f for f in FILES if not (folder / f).is_file()]
+    """The files a checkpoint folder lacks, [] when it is complete: config.json; model.safetensors, or
+    every shard its model.safetensors.index.json names; vocab.json and merges.txt, or tokenizer.json."""
+    folder = Path(folder)
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    if (folder / INDEX).is_file():
+        missing += [f for f in dict.fromkeys(read_index(folder / INDEX).values()) if not (folder / f).is_file()]
+    elif not (folder / "model.safetensors").is_file():
+        missing.append("model.safetensors")
+    if not (folder / "tokenizer.json").is_file():
+        missing += [f for f in ("vocab.json", "merges.txt") if not (folder / f).is_file()]
+    return missing
+
+
+def weights_path(folder: Path) -> Path:
+    """What ``read_params`` reads in a checkpoint folder: model.safetensors, or the index of its shards.
+
+    A folder holding both model.safetensors and an index is refused: either could be the weights.
+    """
+    folder = Path(folder)
+    if not (folder / INDEX).is_file():
+        return folder / "model.safetensors"
+    if (folder / "model.safetensors").is_file():
+        raise ValueError(f"{folder} holds both model.safetensors and {INDEX}, so its weights are ambiguous; "
+                         "delete one of them (model.safetensors, or the index and its shards)")
+    return folder / INDEX
+
+
+def checkpoint_files(folder: Path) -> list[str]:
+    """The names of the checkpoint files present in ``folder``: config, weights (or index and shards),
+    tokenizer files."""
+    folder = Path(folder)
+    try:
+        shards = list(dict.fromkeys(read_index(folder / INDEX).values())) if (folder / INDEX).is_file() else []
+    except ValueError:  # an unreadable index: its shards are unknown
+        shards = []
+    names = ["config.json", "model.safetensors", INDEX, *shards, "vocab.json", "merges.txt", "tokenizer.json",
+             "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json"]
+    return [f for f in names if (folder / f).is_file()]
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """Tensor name -> shard file name, from a ``model.safetensors.index.json``."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); download it again") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{path} has no weight_map from tensor names to shard files: not a safetensors index")
+    for shard in weight_map.values():
+        if Path(shard).name != shard or not shard.endswith(".safetensors"):
+            raise ValueError(f"{path} names shard {shard!r}: shards must be .safetensors files beside the index")
+    return weight_map
 
 
 def resolve(name_or_path: str | Path, *, root: str | Path | None = None, offline: bool | None = None,
@@ -149,7 +208,8 @@ def resolve(name_or_path: str | Path, *, root: str | Path | None = None, offline
 def download(name: str, *, root: str | Path | None = None, revision: str | None = None) -> Path:
     """Download the four files of an official checkpoint into ``<root>/<name>/`` (progress bars on).
 
-    Only ``config.json``, ``model.safetensors``, ``vocab.json`` and ``merges.txt`` are fetched:
+    Only ``config.json``, ``model.safetensors``, ``vocab.json`` and ``merges.txt`` are fetched (or, for
+    a sharded repository, its ``model.safetensors.index.json`` and ``model-*.safetensors`` shards):
     the hub repos also hold five other weight formats of the same size.
     """
     short = canonical_name(name)
@@ -160,7 +220,7 @@ def download(name: str, *, root: str | Path | None = None, revision: str | None 
     folder = weights_dir(root) / short
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        snapshot_download(HUB_PREFIX + short, local_dir=folder, allow_patterns=list(FILES),
+        snapshot_download(HUB_PREFIX + short, local_dir=folder, allow_patterns=list(DOWNLOAD_PATTERNS),
                           revision=revision or os.environ.get(REVISION_ENV) or None)
     except Exception as e:  # the hub's exceptions vary by version; keep the cause attached
         raise ConnectionError(f"downloading {short} into {folder} failed: {e}") from e
@@ -176,7 +236,7 @@ def _check_folder(folder: Path) -> Path:
     if not missing:
         return folder
     hint = ""
-    if "model.safetensors" in missing and (folder / "pytorch_model.bin").exists():
+    if "model.safetensors" in missing and any(folder.glob("pytorch_model*.bin")):
         hint = (" It has pytorch_model.bin, which gpt2np never reads: unpickling a .bin file can run "
                 "arbitrary code. Convert it once with transformers (model.save_pretrained(folder)) "
                 "or download the model.safetensors of the same repository.")
@@ -184,13 +244,31 @@ def _check_folder(folder: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading model.safetensors
+# Reading model.safetensors (or its shards)
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+# Bytes per element of every safetensors dtype: each tensor's data span must match its shape.
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one tensor lies: its file, the byte offset of its data in that file, its dtype and shape."""
+
+    path: Path
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """Return (tensor name -> {dtype, shape, data_offsets}, byte offset where the data begins)."""
+    """Return (tensor name -> {dtype, shape, data_offsets}, byte offset where the data begins).
+
+    The header is checked as the safetensors library checks it: every tensor's ``data_offsets`` span
+    exactly its shape times its dtype's size, and the spans tile the data, no gap, no overlap, to the
+    end of the file.
+    """
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -203,47 +281,79 @@ def read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ValueError(f"{path} has an unreadable safetensors header; download it again") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has an unreadable safetensors header; download it again")
     header.pop("__metadata__", None)
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    spans = sorted((_span(path, k, t), k) for k, t in header.items())  # [((begin, end), name)] in file order
+    end = max((e for (_, e), _ in spans), default=0)
     if 8 + n + end > size:
         raise ValueError(f"{path} is truncated: {size} bytes on disk, its header promises {8 + n + end}; "
                          "the download was probably interrupted, delete the file and download it again")
+    previous, at = None, 0
+    for (begin, stop), k in spans:
+        if begin != at:
+            after = f"tensor {previous}'s" if previous else "the header"
+            what = (f"overlaps tensor {previous}'s, which ends at {at}" if begin < at else
+                    f"starts {begin - at} bytes after the end of {after}")
+            raise ValueError(f"{path}: tensor {k}'s data_offsets [{begin}, {stop}] {what}; "
+                             "the header does not describe the file: download it again")
+        previous, at = k, stop
+    if 8 + n + end < size:
+        raise ValueError(f"{path} has {size - 8 - n - end} bytes after its last tensor that the header does not "
+                         "describe: not a valid safetensors file; download it again")
     return header, 8 + n
 
 
-def _read_into(f, start: int, info: dict, out: np.ndarray, name: str, path: Path) -> None:
+def _span(path: Path, name: str, info) -> tuple[int, int]:
+    """A header entry's data_offsets, checked against its dtype and shape."""
+    entry = info if isinstance(info, dict) else {}
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    counts = (shape if isinstance(shape, list) else [None]) + (offsets if isinstance(offsets, list) else [None])
+    if not all(type(x) is int and x >= 0 for x in counts) or len(offsets) != 2:
+        raise ValueError(f"{path}: tensor {name} has an unreadable header entry {info!r}; download the file again")
+    if dtype not in _ITEMSIZE:
+        raise ValueError(f"{path}: tensor {name} has dtype {dtype!r}, which safetensors does not define; "
+                         "download the file again")
+    begin, end = offsets
+    need = math.prod(shape) * _ITEMSIZE[dtype]
+    if end - begin != need:
+        raise ValueError(f"{path}: tensor {name}'s data_offsets [{begin}, {end}] hold {end - begin} bytes, but shape "
+                         f"{shape} in {dtype} takes {need}; the header does not describe the file: download it again")
+    return begin, end
+
+
+def _read_into(f, t: Stored, out: np.ndarray, name: str) -> None:
     """Read one tensor into ``out`` (float32, final shape), converting from f16/bf16/f64 if needed."""
-    dtype = _DTYPES.get(info["dtype"])
-    if dtype is None:
-        raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}; gpt2np reads F32, F16, BF16, F64")
-    f.seek(start + info["data_offsets"][0])
-    if dtype is np.float32:
-        f.readinto(memoryview(out).cast("B"))
+    dtype = _DTYPES[t.dtype]
+    f.seek(t.offset)
+    raw = out if dtype is np.float32 else np.empty(out.shape, dtype)
+    if f.readinto(memoryview(raw).cast("B")) != raw.nbytes:
+        raise ValueError(f"{t.path} is truncated at tensor {name}: the file shrank while it was read")
+    if raw is out:
         return
-    raw = np.empty(out.shape, dtype)
-    f.readinto(memoryview(raw).cast("B"))
-    if info["dtype"] == "BF16":  # bfloat16 is the top half of a float32
+    if t.dtype == "BF16":  # bfloat16 is the top half of a float32
         out[...] = (raw.astype(np.uint32) << 16).view(np.float32)
     else:
         out[...] = raw
 
 
-def read_params(path: str | Path, config: Config) -> Params:
-    """Read ``model.safetensors`` (either layout) into float32 ``Params``, checking every shape.
+def stored_tensors(path: str | Path, config: Config) -> dict[str, Stored]:
+    """Every check ``read_params`` makes, without reading any tensor data: official name -> ``Stored``.
 
-    Mask buffers (``h.*.attn.bias``, ``h.*.attn.masked_bias``) are skipped by name, an optional
-    ``transformer.`` prefix is stripped, and ``lm_head.weight`` is kept only when present and
-    different from ``wte.weight``.
+    ``path`` is ``model.safetensors`` or a ``model.safetensors.index.json``; for an index, every shard
+    it names must exist, every tensor it names must be in its shard, and every tensor in the shards in
+    the index. Then the names, shapes and dtypes must be those of a GPT-2 of ``config``.
     """
     path = Path(path)
-    header, start = read_header(path)
-    tensors: dict[str, dict] = {}
-    for key, info in header.items():
-        name = key.removeprefix("transformer.")
-        parts = name.split(".")
-        if len(parts) == 4 and parts[0] == "h" and parts[2] == "attn" and parts[3] in ("bias", "masked_bias"):
-            continue  # causal-mask buffers, not parameters
-        tensors[name] = info
+    headers = {path: read_header(path)} if path.name != INDEX else _shard_headers(path)
+    tensors: dict[str, Stored] = {}
+    for file, (header, start) in headers.items():
+        for key, info in header.items():
+            name = key.removeprefix("transformer.")
+            parts = name.split(".")
+            if len(parts) == 4 and parts[0] == "h" and parts[2] == "attn" and parts[3] in ("bias", "masked_bias"):
+                continue  # causal-mask buffers, not parameters
+            tensors[name] = Stored(file, start + info["data_offsets"][0], info["dtype"], tuple(info["shape"]))
     shapes = expected_shapes(config)
     missing = [k for k in shapes if k not in tensors]
     if missing:
@@ -256,24 +366,71 @@ def read_params(path: str | Path, config: Config) -> Params:
                          "check config.json (n_layer) and the file")
     if "lm_head.weight" in tensors:
         shapes["lm_head.weight"] = shapes["wte.weight"]
+    elif not config.tie_word_embeddings:
+        raise ValueError(f"{path} has no lm_head.weight, but config.json says tie_word_embeddings=false (a "
+                         "separate head); transformers would start that head at random: add the head's tensor "
+                         "or set tie_word_embeddings to true")
     for k, want in shapes.items():
-        got = tuple(tensors[k]["shape"])
-        if got != want:
-            raise ValueError(f"{path}: tensor {k} has shape {list(got)}, config.json implies {list(want)}; "
+        t = tensors[k]
+        if t.shape != want:
+            raise ValueError(f"{t.path}: tensor {k} has shape {list(t.shape)}, config.json implies {list(want)}; "
                              "the config and the weights do not belong together")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{t.path}: tensor {k} has dtype {t.dtype}; gpt2np reads F32, F16, BF16, F64")
+    return {k: tensors[k] for k in shapes}
 
-    arrays = {k: np.empty(s, np.float32) for k, s in shapes.items()}
 
-    def read(names):  # in file order, so each reader goes through the file sequentially
-        with open(path, "rb") as f:
+def _shard_headers(index: Path) -> dict[Path, tuple[dict, int]]:
+    """The header of every shard an index names, each checked against the index both ways."""
+    weight_map = read_index(index)
+    shards = list(dict.fromkeys(weight_map.values()))
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index} names shards that are not in the folder: {', '.join(missing)}; "
+                                "download them again")
+    headers = {index.parent / s: read_header(index.parent / s) for s in shards}
+    for name, shard in weight_map.items():
+        if name not in headers[index.parent / shard][0]:
+            raise ValueError(f"{index} places tensor {name} in {shard}, which does not hold it; "
+                             "the index and the shards do not belong together")
+    for file, (header, _) in headers.items():
+        for name in header:
+            if weight_map.get(name) != file.name:
+                where = f"places it in {weight_map[name]}" if name in weight_map else "does not list it"
+                raise ValueError(f"{file} holds tensor {name}, but {index.name} {where}; "
+                                 "the index and the shards do not belong together")
+    return headers
+
+
+def read_params(path: str | Path, config: Config) -> Params:
+    """Read ``model.safetensors`` or the shards of a ``model.safetensors.index.json`` (either layout)
+    into float32 ``Params``, after every check of ``stored_tensors``.
+
+    Mask buffers (``h.*.attn.bias``, ``h.*.attn.masked_bias``) are skipped by name, an optional
+    ``transformer.`` prefix is stripped, and ``lm_head.weight`` is kept only when present and
+    different from ``wte.weight``.
+    """
+    tensors = stored_tensors(path, config)
+    arrays = {k: np.empty(t.shape, np.float32) for k, t in tensors.items()}
+
+    def read(names):  # in file order, so each reader goes through each file sequentially
+        f = None
+        try:
             for k in names:
-                _read_into(f, start, tensors[k], arrays[k], k, path)
+                if f is None or f.name != str(tensors[k].path):
+                    if f is not None:
+                        f.close()
+                    f = open(tensors[k].path, "rb")
+                _read_into(f, tensors[k], arrays[k], k)
+        finally:
+            if f is not None:
+                f.close()
 
     # Most of a load's time is the kernel giving the new arrays their memory (page faults), not the
     # reading: a few threads, each reading one contiguous part of the file, do that in parallel
     # (gpt2-xl on 2 cores: 1 to 8 s, median 6.9 s in scripts/bench.py, against 8 to 15 s, median
     # 11.6 s, with one reader; the spread is the machine's). readinto releases the GIL.
-    ordered = sorted(arrays, key=lambda k: tensors[k]["data_offsets"][0])
+    ordered = sorted(arrays, key=lambda k: (str(tensors[k].path), tensors[k].offset))
     parts = _split_by_size(ordered, [arrays[k].nbytes for k in ordered], _cores())
     with ThreadPoolExecutor(len(parts)) as pool:
         for done in [pool.submit(read, names) for names in parts]:

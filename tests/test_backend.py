@@ -91,9 +91,9 @@ def test_generation_path_with_past_on_strict(tiny):
     eps, blk = c.layer_norm_epsilon, p.h[0]
     with host_conversion_blocked():
         x = M.layer_norm(M.embed(p, ids), blk.ln_1_weight, blk.ln_1_bias, eps)  # [T, D]
-        full, full_pattern, _ = M.attention(x, blk, c.n_head)
-        head, _, past = M.attention(x[:-1, :], blk, c.n_head)
-        last, last_pattern, (k, v) = M.attention(x[-1:, :], blk, c.n_head, past=past)
+        full, full_pattern, _ = M.attention(x, blk, c.n_head, c.attn_scale(0))
+        head, _, past = M.attention(x[:-1, :], blk, c.n_head, c.attn_scale(0))
+        last, last_pattern, (k, v) = M.attention(x[-1:, :], blk, c.n_head, c.attn_scale(0), past=past)
         emb = M.embed(p, ids[-1:], start=6)  # [1, D]
     assert is_strict(last) and k.shape == (c.n_head, 7, c.d_head)
     np.testing.assert_allclose(np.from_dlpack(last), np.from_dlpack(full)[-1:], rtol=1e-5, atol=1e-6)
@@ -221,6 +221,7 @@ def test_attention_scale_is_one_over_sqrt_head_width():
     q = np.ones((1, 2, 64), np.float32)
     k = np.stack([np.zeros(64), np.ones(64)])[None].astype(np.float32)  # [1, 2, 64]
     v = np.eye(2, 64, dtype=np.float32)[None]
-    _, pattern = M.attend(xs.asarray(q), xs.asarray(k), xs.asarray(v))
+    scale = Config(n_layer=1, n_head=1, n_embd=64).attn_scale(0)
+    _, pattern = M.attend(xs.asarray(q), xs.asarray(k), xs.asarray(v), scale)
     p = np.from_dlpack(pattern)[0, 1]  # query 1 sees key 0 (score 0) and key 1 (score 64 / 8 = 8)
     np.testing.assert_allclose(p, [1 / (1 + math.exp(8)), 1 / (1 + math.exp(-8))], rtol=1e-5)

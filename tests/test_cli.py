@@ -4,8 +4,10 @@ passed as ``--model PATH``. Every user error must exit with status 2 and one lin
 """
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from gpt2np import cli
 from gpt2np.generate import perplexity
 from gpt2np.lens import Lens
 from gpt2np.plot import visible
-from gpt2np.weights import FILES, HUB_PREFIX
+from gpt2np.weights import DOWNLOAD_PATTERNS, FILES, HUB_PREFIX
 
 TEXT = "When people say plasma,\nthey mean blood. Other times"  # 32 tokens in the tiny vocabulary
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -262,8 +264,9 @@ def fake_hub(monkeypatch, ckpt):
 
     def snapshot_download(repo_id, *, local_dir, allow_patterns, revision=None, **kw):
         calls.append({"repo_id": repo_id, "allow_patterns": list(allow_patterns), "revision": revision})
-        for f in allow_patterns:
-            shutil.copyfile(f"{ckpt}/{f}", f"{local_dir}/{f}")
+        for f in os.listdir(ckpt):  # the files the patterns match, as the real one fetches them
+            if any(fnmatch.fnmatch(f, p) for p in allow_patterns):
+                shutil.copyfile(f"{ckpt}/{f}", f"{local_dir}/{f}")
         return str(local_dir)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
@@ -275,7 +278,7 @@ def test_download_uses_the_hub_and_skips_complete_folders(capsys, tmp_path, fake
                        "--revision", "abc")
     assert code == 0
     assert [c["repo_id"] for c in fake_hub] == [HUB_PREFIX + "gpt2", HUB_PREFIX + "gpt2-medium"]
-    assert all(sorted(c["allow_patterns"]) == sorted(FILES) and c["revision"] == "abc" for c in fake_hub)
+    assert all(sorted(c["allow_patterns"]) == sorted(DOWNLOAD_PATTERNS) and c["revision"] == "abc" for c in fake_hub)
     assert all((tmp_path / n / f).is_file() for n in ("gpt2", "gpt2-medium") for f in FILES)
     assert "gpt2: done" in out
     code, out, _ = run(capsys, "download", "gpt2", "--weights-dir", tmp_path)
@@ -422,3 +425,58 @@ def test_device_gpu_gives_the_cpu_results(capsys, ckpt):
     assert a == b
     code, out, _ = run(capsys, "score", TEXT, "--model", ckpt, "--device", "gpu", "--json")
     assert code == 0 and json.loads(out)["n_scored"] > 0
+
+
+# -------------------------------------------------------------------------------------------------
+# info says [complete] only for a folder that loads
+
+
+def test_info_of_a_folder_that_does_not_load(capsys, ckpt, tmp_path):
+    folder = shutil.copytree(ckpt, tmp_path / "damaged")
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    begin = header["ln_f.bias"]["data_offsets"][0]
+    header["ln_f.bias"]["data_offsets"] = [begin, begin + 4]  # the span does not fit the shape
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    code, out, _ = run(capsys, "info", folder)
+    assert code == 1 and "[complete]" not in out
+    assert f"[does not load: {path}: tensor ln_f.bias's data_offsets [{begin}, {begin + 4}] hold 4 bytes" in out
+    cfg = json.loads((folder / "config.json").read_text())
+    path.write_bytes(data)
+    (folder / "config.json").write_text(json.dumps({**cfg, "vocab_size": 399}))
+    code, out, _ = run(capsys, "info", folder)
+    assert code == 1 and "[does not load: " in out and "the tokenizer has 400 tokens but config.json says " \
+                                                        "vocab_size=399" in out
+
+
+def test_info_of_a_sharded_folder_and_of_a_padded_vocabulary(capsys, ckpt, tmp_path, make_checkpoint):
+    from safetensors.numpy import load_file, save_file
+
+    folder = shutil.copytree(ckpt, tmp_path / "sharded")
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(folder / shard), metadata={"format": "pt"})
+    weight_map = {k: s for s, keys in shards.items() for k in keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    code, out, _ = run(capsys, "info", folder)
+    assert code == 0 and "[complete]" in out
+    lines = out.splitlines()
+    files = next(i for i, ln in enumerate(lines) if ln.startswith("files"))
+    listed = [ln[12:].split()[0] for ln in lines[files:]]  # "files       NAME  SIZE", then "            NAME  SIZE"
+    assert listed == ["config.json", "model.safetensors.index.json", *shards, "vocab.json", "merges.txt"]
+    padded = make_checkpoint(vocab_size=448, tokenizer_dir=ckpt)  # the 400-token tokenizer, V = 448
+    code, out, _ = run(capsys, "info", padded)
+    assert code == 0 and "[complete]" in out and "vocab_size=448" in out
+
+
+def test_generate_prints_ids_without_text_as_their_number(ckpt, make_checkpoint):
+    m = gpt2np.load(make_checkpoint(vocab_size=448, tokenizer_dir=ckpt))
+    out = io.StringIO()
+    assert cli._write_stream(m, iter([72, 420, 447]), out) == [72, 420, 447]
+    assert out.getvalue() == m.decode([72]) + "<id 420><id 447>"

@@ -48,8 +48,8 @@ def expected_rows(L, step=1, include_input=True, sublayers=False, decoder_blocks
 
 def run_last_blocks(model, x, first):
     p, eps, H = model.params, model.config.layer_norm_epsilon, model.config.n_head
-    for b in p.h[first:]:
-        x = x + M.attention(M.layer_norm(x, b.ln_1_weight, b.ln_1_bias, eps), b, H)[0]
+    for l, b in enumerate(p.h[first:], first):
+        x = x + M.attention(M.layer_norm(x, b.ln_1_weight, b.ln_1_bias, eps), b, H, model.config.attn_scale(l))[0]
         x = x + M.mlp(M.layer_norm(x, b.ln_2_weight, b.ln_2_bias, eps), b)
     return x
 

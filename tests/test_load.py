@@ -294,8 +294,8 @@ def test_extra_tensors(tiny_checkpoint, copy_checkpoint):
 
 
 @pytest.mark.parametrize("change,error,message", [
-    ({"vocab_size": 401}, ValueError, r"the tokenizer has 400 tokens but config.json says vocab_size=401"),
-    ({"activation_function": "gelu"}, ValueError, r"activation_function='gelu'; gpt2np implements GPT-2's 'gelu_new'"),
+    ({"vocab_size": 399}, ValueError, r"the tokenizer has 400 tokens but config.json says vocab_size=399"),
+    ({"activation_function": "gelu"}, ValueError, r'activation_function="gelu" is not implemented by gpt2np \(GPT-2.s tanh GELU only'),
     ({"n_head": 5}, ValueError, r"n_embd=48 is not divisible by n_head=5"),
     ({"n_embd": None}, ValueError, r"config.json lacks n_embd: is this a GPT-2 config.json\?"),
 ])
@@ -413,7 +413,8 @@ def test_download_fetches_only_the_four_files(tmp_path, fake_hub, tiny_model):
     call = fake_hub.calls[0]
     assert call["repo_id"] == "openai-community/gpt2"
     assert call["local_dir"] == tmp_path / "gpt2"
-    assert sorted(call["allow_patterns"]) == sorted(["config.json", "model.safetensors", "vocab.json", "merges.txt"])
+    assert sorted(call["allow_patterns"]) == sorted(["config.json", "model*.safetensors", "model.safetensors.index.json",
+                                                     "vocab.json", "merges.txt"])  # the index and shards if sharded
     assert sorted(p.name for p in (tmp_path / "gpt2").iterdir()) == sorted(FILES)
     np.testing.assert_array_equal(m.params.wte, tiny_model.params.wte)
     gpt2np.load("gpt2", weights_dir=tmp_path)  # complete now: no second download
@@ -506,3 +507,367 @@ def test_ids_at_the_limits_are_accepted(tiny_model):
 def test_read_params_reads_into_float32_without_the_tokenizer(tiny_checkpoint, tiny_config, tiny_model):
     p = read_params(tiny_checkpoint / "model.safetensors", tiny_config)
     np.testing.assert_array_equal(p.h[-1].mlp_c_proj_weight, tiny_model.params.h[-1].mlp_c_proj_weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors headers that do not describe their file (the safetensors library refuses them too)
+
+
+def rewrite_header(path: Path, edit, extra: bytes = b"") -> None:
+    """Rewrite a safetensors file's header with ``edit(header)`` (in place), keep its data, append ``extra``."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:] + extra)
+
+
+def last_tensor(header: dict) -> str:
+    return max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+
+
+def share_bytes(a, b):
+    """The later of two tensors of one size given the earlier one's data_offsets."""
+    def edit(h):
+        first, later = sorted([a, b], key=lambda k: h[k]["data_offsets"][0])
+        h[later]["data_offsets"] = h[first]["data_offsets"]
+    return edit
+
+
+def set_offsets(name, offsets):
+    def edit(h):
+        h[name]["data_offsets"] = offsets(h)
+    return edit
+
+
+@pytest.mark.parametrize("edit,extra,message", [
+    # a span shorter than the shape: read today as the next tensor's bytes, or zeros at the end
+    (set_offsets("ln_f.bias", lambda h: [h["ln_f.bias"]["data_offsets"][0], h["ln_f.bias"]["data_offsets"][0] + 4]),
+     b"", r"tensor ln_f.bias's data_offsets \[\d+, \d+\] hold 4 bytes, but shape \[48\] in F32 takes 192; "
+          r"the header does not describe the file"),
+    (lambda h: h["h.2.mlp.c_fc.bias"].update(dtype="F16"), b"",
+     r"tensor h.2.mlp.c_fc.bias's data_offsets \[\d+, \d+\] hold 768 bytes, but shape \[192\] in F16 takes 384"),
+    (lambda h: h["wpe.weight"].update(shape=[32, 48]), b"",
+     r"tensor wpe.weight's data_offsets .* hold 12288 bytes, but shape \[32, 48\] in F32 takes 6144"),
+    # end before begin
+    (set_offsets("h.0.ln_1.bias", lambda h: h["h.0.ln_1.bias"]["data_offsets"][::-1]), b"",
+     r"tensor h.0.ln_1.bias's data_offsets \[(\d+), \d+\] hold -192 bytes"),
+    # two tensors on the same bytes
+    (share_bytes("h.1.ln_2.bias", "h.1.ln_2.weight"), b"",
+     r"tensor h.1.ln_2.(bias|weight)'s data_offsets \[\d+, \d+\] overlaps tensor h.1.ln_2.(bias|weight)'s, which "
+     r"ends at \d+"),
+    # a hole before the last tensor, the file as long as the header says
+    (lambda h: h[last_tensor(h)].update(data_offsets=[o + 8 for o in h[last_tensor(h)]["data_offsets"]]), b"\0" * 8,
+     r"tensor \S+'s data_offsets \[\d+, \d+\] starts 8 bytes after the end of tensor \S+'s"),
+    # offsets past the end of the file
+    (lambda h: h[last_tensor(h)].update(data_offsets=[o + 10**6 for o in h[last_tensor(h)]["data_offsets"]]), b"",
+     r" is truncated: \d+ bytes on disk, its header promises \d+"),
+    # bytes after the last tensor
+    (lambda h: None, b"\0" * 16, r" has 16 bytes after its last tensor that the header does not describe"),
+], ids=["short-span", "dtype", "shape", "reversed", "overlap", "gap", "past-the-end", "trailing-bytes"])
+def test_header_that_does_not_describe_the_file(tiny_checkpoint, copy_checkpoint, edit, extra, message):
+    folder = copy_checkpoint(tiny_checkpoint)
+    path = folder / "model.safetensors"
+    rewrite_header(path, edit, extra)
+    with pytest.raises(Exception):  # the reference: the safetensors library refuses the file as well
+        load_file(str(path))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}.*{message}") as e:
+        gpt2np.load(folder)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=message):
+        gpt2np.api.check_folder(folder)
+
+
+def test_header_entry_that_is_not_a_tensor(tiny_checkpoint, copy_checkpoint):
+    folder = copy_checkpoint(tiny_checkpoint)
+    rewrite_header(folder / "model.safetensors", lambda h: h["wte.weight"].update(shape="big"))
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor wte.weight has an unreadable header entry"):
+        gpt2np.load(folder)
+    rewrite_header(folder / "model.safetensors", lambda h: h["wte.weight"].update(shape=[400, 48], dtype="F33"))
+    with pytest.raises(ValueError, match=r"tensor wte.weight has dtype 'F33', which safetensors does not define"):
+        gpt2np.load(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# sharded checkpoints, as save_pretrained(..., max_shard_size=...) writes them
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, torch, transformers, tiny_checkpoint):
+    """transformers' GPT2LMHeadModel of the tiny shape, saved in shards of at most 150 kB, and the model."""
+    torch.manual_seed(0)
+    c = json.loads((tiny_checkpoint / "config.json").read_text())
+    config = transformers.GPT2Config(**{k: c[k] for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")})
+    ref = transformers.GPT2LMHeadModel(config).float().eval()
+    folder = tmp_path_factory.mktemp("sharded")
+    ref.save_pretrained(folder, max_shard_size="150KB")
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copyfile(tiny_checkpoint / f, folder / f)
+    return folder, ref
+
+
+def shard_names(folder: Path) -> list[str]:
+    return sorted(set(json.loads((folder / weights.INDEX).read_text())["weight_map"].values()))
+
+
+def test_sharded_checkpoint_loads_and_matches_transformers(sharded, reference_run, relative_error, monkeypatch):
+    folder, ref = sharded
+    shards = shard_names(folder)
+    assert len(shards) >= 2 and not (folder / "model.safetensors").exists()
+    assert shards == sorted(p.name for p in folder.glob("model-*-of-*.safetensors"))
+    headers = []
+    read_header = weights.read_header
+    monkeypatch.setattr(weights, "read_header", lambda path: headers.append(Path(path).name) or read_header(path))
+    m = gpt2np.load(folder)
+    assert sorted(headers) == shards  # every shard's header read once
+    stored = {}
+    for s in shards:
+        stored |= {k.removeprefix("transformer."): v for k, v in load_file(str(folder / s)).items()}
+    for k, v in flat(m.params).items():  # every tensor read from its shard, exactly
+        np.testing.assert_array_equal(v, stored[k], err_msg=k)
+    ids = np.arange(0, 400, 7)[:40]
+    logits, _ = reference_run(ref, ids)
+    assert relative_error(m.forward(ids).logits, logits) < 1e-5
+
+
+@pytest.mark.parametrize("readers", [1, 3])
+def test_sharded_checkpoint_with_parallel_readers(sharded, monkeypatch, readers):
+    folder, _ = sharded
+    monkeypatch.setattr(weights, "_cores", lambda: readers)
+    m = gpt2np.load(folder)
+    stored = {}
+    for s in shard_names(folder):
+        stored |= {k.removeprefix("transformer."): v for k, v in load_file(str(folder / s)).items()}
+    for k, v in flat(m.params).items():
+        np.testing.assert_array_equal(v, stored[k], err_msg=k)
+
+
+def edit_index(folder: Path, edit) -> None:
+    path = folder / weights.INDEX
+    index = json.loads(path.read_text())
+    edit(index["weight_map"])
+    path.write_text(json.dumps(index))
+
+
+def test_sharded_checkpoint_missing_a_shard(sharded, copy_checkpoint):
+    folder = copy_checkpoint(sharded[0])
+    last = shard_names(folder)[-1]
+    (folder / last).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint folder .* is missing {re.escape(last)}\.$"):
+        gpt2np.load(folder)
+    with pytest.raises(FileNotFoundError, match=rf"index.json names shards that are not in the folder: {last}; "):
+        read_params(folder / weights.INDEX, gpt2np.api.Config.from_json(folder / "config.json"))
+
+
+def move_one(weight_map):
+    """Put the first tensor of the first shard into the second shard."""
+    first, second = sorted(set(weight_map.values()))[:2]
+    name = next(k for k, v in weight_map.items() if v == first)
+    weight_map[name] = second
+
+
+@pytest.mark.parametrize("edit,message", [
+    (move_one, r"index.json places tensor transformer\.\S+ in model-00002-of-\d+\.safetensors, which does not hold it; "
+               r"the index and the shards do not belong together"),
+    (lambda m: m.pop("transformer.h.1.mlp.c_fc.bias"),
+     r"model-\d+-of-\d+\.safetensors holds tensor transformer.h.1.mlp.c_fc.bias, but model.safetensors.index.json "
+     r"does not list it; the index and the shards do not belong together"),
+])
+def test_index_that_disagrees_with_the_shards(sharded, copy_checkpoint, edit, message):
+    folder = copy_checkpoint(sharded[0])
+    edit_index(folder, edit)
+    with pytest.raises(ValueError, match=message):
+        gpt2np.load(folder)
+
+
+def test_index_tensor_in_two_shards(sharded, copy_checkpoint):
+    folder = copy_checkpoint(sharded[0])
+    first, second = shard_names(folder)[:2]
+    a, b = load_file(str(folder / first)), load_file(str(folder / second))
+    name = next(iter(a))
+    b[name] = a[name]  # the second shard holds a copy: the index places it in only one of them
+    save_file(b, str(folder / second), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{second} holds tensor {re.escape(name)}, but model.safetensors.index.json "
+                                         rf"places it in {first}"):
+        gpt2np.load(folder)
+
+
+def test_index_that_is_not_an_index(sharded, copy_checkpoint):
+    folder = copy_checkpoint(sharded[0])
+    (folder / weights.INDEX).write_text("{not json")
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json is not valid JSON"):
+        gpt2np.load(folder)
+    (folder / weights.INDEX).write_text(json.dumps({"metadata": {}, "weight_map": {"wte.weight": "../model.bin"}}))
+    with pytest.raises(ValueError, match=r"names shard '../model.bin': shards must be .safetensors files beside the index"):
+        gpt2np.load(folder)
+
+
+def test_sharded_checkpoint_makes_the_checks_of_one_file(sharded, copy_checkpoint, tiny_config):
+    folder = copy_checkpoint(sharded[0])
+    shard = (folder / weights.INDEX).read_text() and json.loads((folder / weights.INDEX).read_text())["weight_map"][
+        "transformer.h.1.mlp.c_fc.weight"]
+    t = load_file(str(folder / shard))
+    t["transformer.h.1.mlp.c_fc.weight"] = np.ascontiguousarray(t["transformer.h.1.mlp.c_fc.weight"].T)
+    save_file(t, str(folder / shard), metadata={"format": "pt"})
+    D, F = tiny_config.n_embd, tiny_config.d_mlp
+    with pytest.raises(ValueError, match=rf"{re.escape(shard)}: tensor h.1.mlp.c_fc.weight has shape \[{F}, {D}\], "
+                                         rf"config.json implies \[{D}, {F}\]; the config and the weights do not belong"):
+        gpt2np.load(folder)
+    rewrite_config(folder, n_layer=4)
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json lacks tensors h.3.ln_1.weight, .* that "
+                                         r"config.json \(n_layer=4\) requires"):
+        gpt2np.load(folder)
+
+
+def test_folder_with_both_one_file_and_shards_is_ambiguous(sharded, tiny_checkpoint, copy_checkpoint):
+    folder = copy_checkpoint(sharded[0])
+    shutil.copyfile(tiny_checkpoint / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"holds both model.safetensors and model.safetensors.index.json, so its "
+                                         r"weights are ambiguous; delete one of them"):
+        gpt2np.load(folder)
+
+
+def test_download_of_a_sharded_repository(tmp_path, sharded, monkeypatch):
+    """A hub repo whose weights are sharded: the index and every shard come down, nothing else."""
+    import huggingface_hub
+
+    folder, _ = sharded
+    repo = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    repo |= {"pytorch_model-00001-of-00002.bin": b"pickle", "pytorch_model.bin.index.json": b"{}",
+             "tf_model.h5": b"h5", "onnx/model.onnx": b"o", "README.md": b"# gpt2"}
+    calls, drop = [], []
+
+    def snapshot_download(repo_id, *, local_dir, allow_patterns=None, revision=None, **kwargs):
+        calls.append(allow_patterns)
+        for f, data in repo.items():
+            if any(fnmatch.fnmatch(f, p) for p in allow_patterns) and f not in drop:
+                (Path(local_dir) / f).parent.mkdir(parents=True, exist_ok=True)
+                (Path(local_dir) / f).write_bytes(data)
+        return str(local_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.delenv("GPT2NP_OFFLINE", raising=False)
+    m = gpt2np.load("gpt2", weights_dir=tmp_path / "w")
+    assert len(calls) == 1
+    got = sorted(p.name for p in (tmp_path / "w" / "gpt2").iterdir())
+    assert got == sorted(["config.json", "vocab.json", "merges.txt", weights.INDEX, *shard_names(folder)])
+    np.testing.assert_array_equal(m.params.wte, gpt2np.load(folder).params.wte)
+    drop.append(shard_names(folder)[-1])  # the hub answers without one shard
+    with pytest.raises(ConnectionError, match=rf"did not complete \(missing {shard_names(folder)[-1]}\)"):
+        gpt2np.download("gpt2-medium", root=tmp_path / "w")
+
+
+# ---------------------------------------------------------------------------------------------
+# a vocabulary larger than the tokenizer's: an added pad token, an unembedding padded to 64
+
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory, torch, transformers, real_tokenizer_dir):
+    """``padded(kind)``: (folder, transformers model) of a small GPT-2 with the real tokenizer, its embedding
+    resized as users do: "pad" adds [PAD] (V = 50258, tokenizer saved by transformers beside the
+    weights), "64" pads V to a multiple of 64 (V = 50304, vocab.json and merges.txt only)."""
+    made = {}
+
+    def make(kind):
+        if kind in made:
+            return made[kind]
+        torch.manual_seed(1)
+        config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=50257)
+        ref = transformers.GPT2LMHeadModel(config)
+        folder = tmp_path_factory.mktemp(f"vocab-{kind}")
+        if kind == "pad":
+            tok = transformers.GPT2Tokenizer.from_pretrained(str(real_tokenizer_dir))
+            tok.add_special_tokens({"pad_token": "[PAD]"})
+            ref.resize_token_embeddings(len(tok))
+            tok.save_pretrained(str(folder))
+        else:
+            ref.resize_token_embeddings(50257, pad_to_multiple_of=64)
+            for f in ("vocab.json", "merges.txt"):
+                shutil.copyfile(real_tokenizer_dir / f, folder / f)
+        ref.save_pretrained(folder)
+        made[kind] = folder, ref.float().eval()
+        return made[kind]
+    return make
+
+
+@pytest.mark.parametrize("kind,V", [("pad", 50258), ("64", 50304)])
+def test_vocabulary_larger_than_the_tokenizer(padded, reference_run, relative_error, kind, V):
+    folder, ref = padded(kind)
+    m = gpt2np.load(folder)
+    assert m.config.vocab_size == V and m.params.wte.shape == (V, 32)
+    ids = np.array([15496, 995, 50256, V - 1, 11, V - 2, 0])
+    logits, _ = reference_run(ref, ids)
+    assert logits.shape == (7, V)
+    got = m.forward(ids).logits
+    assert got.shape == (7, V) and relative_error(got, logits) < 1e-5  # every column, as transformers computes it
+
+
+def test_added_pad_token_reads_as_its_text(padded, transformers):
+    folder, _ = padded("pad")
+    m = gpt2np.load(folder)
+    tok = transformers.GPT2Tokenizer.from_pretrained(str(folder))
+    text = "Hello[PAD] world<|endoftext|>[PAD]"
+    ids = m.encode(text)
+    assert ids.tolist() == tok(text, add_special_tokens=False)["input_ids"] and 50257 in ids.tolist()
+    assert m.decode(ids) == tok.decode(ids.tolist()) == text
+    assert m.tokens([50257, 15496]) == ["[PAD]", "Hello"]
+
+
+def test_ids_without_text_read_as_their_number(padded):
+    folder, _ = padded("64")
+    m = gpt2np.load(folder)
+    assert m.tokens([15496, 50257, 50303]) == ["Hello", "<id 50257>", "<id 50303>"]
+    assert m.decode([15496, 50300, 995]) == "Hello<id 50300> world"
+    lens = gpt2np.logit_lens(m, m.forward([15496, 50300, 995]), k=2)
+    assert lens.tokens.tolist() == ["Hello", "<id 50300>", " world"]  # what tables and figures show
+    for i, t in zip(lens.top_ids.reshape(-1), lens.top_tokens.reshape(-1)):
+        assert t == (f"<id {i}>" if i >= 50257 else m.tokens([i])[0])
+
+
+@pytest.mark.parametrize("ids,bad,position", [([15496, 50304], 50304, 1), ([-1], -1, 0), ([10**6, 3], 10**6, 0)])
+def test_decode_of_an_id_outside_the_model(padded, tiny_model, ids, bad, position):
+    m = gpt2np.load(padded("64")[0])
+    with pytest.raises(ValueError, match=rf"token id {bad} at position {position} is outside the vocabulary "
+                                         r"\[0, 50304\)"):
+        m.decode(ids)
+    with pytest.raises(ValueError, match=rf"token id {bad} at position {position} is outside the vocabulary \[0, 50304\)"):
+        m.tokens(ids)
+    with pytest.raises(ValueError, match=r"token id 400 at position 0 is outside the vocabulary \[0, 400\)"):
+        tiny_model.decode([400])
+
+
+# ---------------------------------------------------------------------------------------------
+# check_folder: every check of load, no tensor data read
+
+
+def break_shape(folder):
+    rewrite_tensors(folder, lambda t: t.update({"ln_f.bias": t["ln_f.bias"][:10].copy()}))
+
+
+def break_header(folder):
+    rewrite_header(folder / "model.safetensors", lambda h: h["wte.weight"].update(dtype="F16"))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda f: rewrite_config(f, vocab_size=300), lambda f: rewrite_config(f, n_layer=4), break_shape, break_header,
+    lambda f: (f / "merges.txt").write_text("#version: 0.2\nq z\n"), lambda f: (f / "config.json").write_text("{"),
+    lambda f: (f / "vocab.json").unlink(), lambda f: (f / weights.INDEX).write_text("{}"),
+], ids=["vocab", "n_layer", "shape", "header", "merges", "config", "no-vocab", "ambiguous"])
+def test_check_folder_fails_as_load_fails(tiny_checkpoint, copy_checkpoint, damage):
+    folder = copy_checkpoint(tiny_checkpoint)
+    damage(folder)
+    with pytest.raises((ValueError, OSError)) as loading:
+        gpt2np.load(folder)
+    with pytest.raises(type(loading.value)) as checking:
+        gpt2np.api.check_folder(folder)
+    assert str(checking.value) == str(loading.value)
+
+
+def test_check_folder_reads_no_tensor_data(tiny_checkpoint, monkeypatch, tiny_config):
+    def refuse(*args):
+        raise AssertionError("check_folder read tensor data")
+    monkeypatch.setattr(weights, "_read_into", refuse)
+    assert gpt2np.api.check_folder(tiny_checkpoint) == tiny_config
+    with pytest.raises(AssertionError, match="read tensor data"):
+        gpt2np.load(tiny_checkpoint)

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from gpt2np.config import Config
 from gpt2np.model import attend, gelu_new, layer_norm, softmax
 
 
@@ -156,7 +157,7 @@ def test_attend_is_causal(H, T, S, d):
     q = g.standard_normal((H, T, d)).astype(np.float32) * 3
     k = g.standard_normal((H, S, d)).astype(np.float32) * 3
     v = g.standard_normal((H, S, d)).astype(np.float32)
-    out, pattern = attend(q, k, v)
+    out, pattern = attend(q, k, v, 1 / math.sqrt(d))
     assert out.shape == (H, T, d) and pattern.shape == (H, T, S)
     assert out.dtype == np.float32 and pattern.dtype == np.float32
     future = np.arange(S)[None, :] > np.arange(S - T, S)[:, None]  # [T, S]
@@ -171,11 +172,11 @@ def test_attend_is_causal(H, T, S, d):
 def test_attend_ignores_future_values():
     g = rng(6)
     q, k, v = (g.standard_normal((2, 6, 8)).astype(np.float32) for _ in range(3))
-    out, _ = attend(q, k, v)
+    out, _ = attend(q, k, v, 0.125)
     k2, v2 = k.copy(), v.copy()
     k2[:, 4:] += 100.0
     v2[:, 4:] -= 100.0
-    out2, _ = attend(q, k2, v2)
+    out2, _ = attend(q, k2, v2, 0.125)
     np.testing.assert_array_equal(out2[:, :4], out[:, :4])
     assert not np.allclose(out2[:, 4:], out[:, 4:])
 
@@ -183,7 +184,7 @@ def test_attend_ignores_future_values():
 def test_attend_first_position_copies_its_value():
     g = rng(7)
     q, k, v = (g.standard_normal((4, 5, 8)).astype(np.float32) * 10 for _ in range(3))
-    out, pattern = attend(q, k, v)
+    out, pattern = attend(q, k, v, 0.125)
     assert np.all(pattern[:, 0, 0] == 1.0)
     np.testing.assert_allclose(out[:, 0], v[:, 0], rtol=1e-6)
 
@@ -191,10 +192,11 @@ def test_attend_first_position_copies_its_value():
 def test_attend_uses_one_over_sqrt_head_size():
     # two keys with scores 0 and 8*sqrt(d)/sqrt(d) = 8 after scaling: p = [1, e^8] / (1 + e^8)
     d = 16
+    scale = Config(n_layer=1, n_head=2, n_embd=2 * d).attn_scale(0)  # GPT-2's own: 1 / sqrt(d)
     q = np.zeros((1, 2, d), np.float32)
     q[0, 1, 0] = 8.0 * math.sqrt(d) / 4.0
     k = np.zeros((1, 2, d), np.float32)
     k[0, 1, 0] = 4.0
     v = np.eye(2, d, dtype=np.float32)[None]
-    _, pattern = attend(q, k, v)
+    _, pattern = attend(q, k, v, scale)
     np.testing.assert_allclose(pattern[0, 1], [1 / (1 + math.exp(8)), math.exp(8) / (1 + math.exp(8))], rtol=1e-5)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import gpt2np
 from conftest import bpe_files
 from gpt2np.tokenizer import EOT, decode, encode, load_tokenizer
 
@@ -196,3 +198,158 @@ def test_malformed_files_are_a_clear_error(built, tmp_path):
     (tmp_path / "b" / "vocab.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"vocab.json is missing"):
         load_tokenizer(tmp_path / "b")
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer.json alone (what transformers 5 saves), and tokens added to the vocabulary
+
+MORE_TEXTS = TEXTS + ["x" * 300, "1234567890" * 5, "\n\n\n", " \n \t", "naïve\u0301 e\u0301", "[PAD]", "a[PAD]b [PAD] "]
+
+
+def saved_by_transformers(transformers, source: Path, folder: Path, **added) -> Path:
+    """``GPT2Tokenizer.from_pretrained(source)`` (+ ``add_special_tokens(added)``) saved into ``folder``."""
+    tok = hf_tokenizer(transformers, source)
+    if added:
+        tok.add_special_tokens(added)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer_json(real_tokenizer_dir, transformers, tmp_path_factory):
+    folder = saved_by_transformers(transformers, real_tokenizer_dir, tmp_path_factory.mktemp("tokenizer-json"))
+    assert (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").exists()
+    return folder
+
+
+def pairs_as_strings(folder: Path, out: Path) -> Path:
+    """The same tokenizer.json with its merges written as "a b" strings (older tokenizers versions)."""
+    raw = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    assert all(isinstance(m, list) for m in raw["model"]["merges"])  # tokenizers 0.2x writes pairs
+    raw["model"]["merges"] = [" ".join(m) for m in raw["model"]["merges"]]
+    out.mkdir()
+    (out / "tokenizer.json").write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
+    return out
+
+
+def test_tokenizer_json_alone_matches_transformers(real_tokenizer_json, real_tokenizer_dir, transformers, tmp_path):
+    tok = hf_tokenizer(transformers, real_tokenizer_json)
+    for folder in (real_tokenizer_json, pairs_as_strings(real_tokenizer_json, tmp_path / "strings")):
+        enc = load_tokenizer(folder)
+        assert enc.n_vocab == 50257
+        for text in MORE_TEXTS:
+            ids = encode(enc, text)
+            assert ids.tolist() == hf_ids(tok, text), text
+            assert decode(enc, ids) == tok.decode(ids.tolist()), text
+        assert encode(enc, "Hello world").tolist() == [15496, 995]
+    # the same ranks as vocab.json and merges.txt
+    assert load_tokenizer(real_tokenizer_json)._mergeable_ranks == load_tokenizer(real_tokenizer_dir)._mergeable_ranks
+
+
+def test_model_with_tokenizer_json_alone(make_checkpoint, copy_checkpoint, transformers, tmp_path):
+    folder = copy_checkpoint(make_checkpoint())
+    saved_by_transformers(transformers, folder, tmp_path / "tok")
+    (folder / "vocab.json").unlink()
+    (folder / "merges.txt").unlink()
+    shutil.copyfile(tmp_path / "tok" / "tokenizer.json", folder / "tokenizer.json")
+    m = gpt2np.load(folder)
+    tok = hf_tokenizer(transformers, tmp_path / "tok")
+    for text in TEXTS:
+        assert m.encode(text).tolist() == hf_ids(tok, text), text
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t["pre_tokenizer"].update(add_prefix_space=True), r"is not GPT-2's byte-level BPE \(pre_tokenizer "),
+    (lambda t: t.update(normalizer={"type": "NFC"}), r"is not GPT-2's byte-level BPE \(normalizer "),
+    (lambda t: t["model"].update(type="WordPiece"), r"holds no BPE model"),
+    (lambda t: t["model"]["merges"].insert(2, ["a", "b", "c"]), r"tokenizer.json model.merges\[2\]: expected two "
+                                                               r"tokens separated by a space, got \"\['a', 'b', 'c'\]\""),
+    (lambda t: t["model"]["merges"].insert(3, "q z"), r"model.merges\[3\]: merge 'q z' makes 'qz', which model.vocab "
+                                                      r"lacks"),
+    (lambda t: t["model"]["merges"].pop(), r"model.vocab and .*model.merges disagree .*model.merges may be truncated"),
+])
+def test_tokenizer_json_that_is_not_gpt2s(built, transformers, tmp_path, edit, message):
+    folder = saved_by_transformers(transformers, built[0], tmp_path / "tok")
+    raw = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    edit(raw)
+    (folder / "tokenizer.json").write_text(json.dumps(raw), encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        load_tokenizer(folder)
+
+
+def test_no_tokenizer_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"vocab.json is missing: the tokenizer needs vocab.json and merges.txt, "
+                                                r"or tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+def check_against(tok, enc, n_vocab: int):
+    assert enc.n_vocab == n_vocab == len(tok)
+    for text in MORE_TEXTS + ["[PAD][CLS]<x> [MASK]<y>", "<|endoftext|>[PAD]"]:
+        ids = encode(enc, text)
+        assert ids.tolist() == hf_ids(tok, text), text
+        assert decode(enc, ids) == tok.decode(ids.tolist()), text
+    added = list(range(50257, n_vocab))
+    assert [decode(enc, [i]) for i in added] == tok.convert_ids_to_tokens(added)
+
+
+def test_added_pad_token_as_transformers_5_saves_it(real_tokenizer_dir, transformers, tmp_path):
+    """tokenizer.json with [PAD] in its added_tokens, tokenizer_config.json naming it as pad_token."""
+    folder = saved_by_transformers(transformers, real_tokenizer_dir, tmp_path / "tok", pad_token="[PAD]")
+    assert json.loads((folder / "tokenizer_config.json").read_text())["pad_token"] == "[PAD]"
+    enc = load_tokenizer(folder)
+    check_against(hf_tokenizer(transformers, folder), enc, 50258)
+    assert encode(enc, "a[PAD]b").tolist() == [64, 50257, 65]
+    assert 50257 not in encode(enc, "a[PAD]b", special=False).tolist()
+
+
+def v4_folder(real_tokenizer_dir: Path, folder: Path, added: dict, special_map: dict, decoder: bool) -> Path:
+    """The files transformers 4 saves for GPT2Tokenizer after add_special_tokens: vocab.json, merges.txt,
+    added_tokens.json, special_tokens_map.json, tokenizer_config.json (with added_tokens_decoder)."""
+    folder.mkdir()
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copyfile(real_tokenizer_dir / f, folder / f)
+    if added:
+        (folder / "added_tokens.json").write_text(json.dumps(added))
+    (folder / "special_tokens_map.json").write_text(json.dumps(special_map))
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "add_prefix_space": False,
+              "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    if decoder:
+        entry = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        config["added_tokens_decoder"] = {str(i): {"content": t, **entry} for t, i in
+                                          {"<|endoftext|>": 50256, **added}.items()}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_added_tokens_as_transformers_4_saves_them(real_tokenizer_dir, transformers, tmp_path):
+    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": {"content": "[PAD]", "lstrip": False, "normalized": False, "rstrip": False,
+                             "single_word": False}}
+    for n, decoder in enumerate((True, False)):
+        folder = v4_folder(real_tokenizer_dir, tmp_path / f"v4-{n}", {"[PAD]": 50257}, special, decoder)
+        check_against(hf_tokenizer(transformers, folder), load_tokenizer(folder), 50258)
+
+
+def test_special_tokens_named_without_an_id_follow_transformers(real_tokenizer_dir, transformers, tmp_path):
+    special = {"mask_token": "[MASK]", "additional_special_tokens": ["<x>", "<y>"], "pad_token": "[PAD]",
+               "cls_token": {"content": "[CLS]"}, "eos_token": "<|endoftext|>"}
+    folder = v4_folder(real_tokenizer_dir, tmp_path / "named", {}, special, decoder=False)
+    enc = load_tokenizer(folder)
+    check_against(hf_tokenizer(transformers, folder), enc, 50262)
+
+
+def test_added_tokens_that_disagree(real_tokenizer_dir, tmp_path):
+    folder = v4_folder(real_tokenizer_dir, tmp_path / "a", {"[PAD]": 50257}, {}, decoder=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["50257"]["content"] = "<pad>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json gives id 50257 to '<pad>', but added_tokens.json gives "
+                                         r"it to '\[PAD\]'; the tokenizer files do not belong together"):
+        load_tokenizer(folder)
+    folder = v4_folder(real_tokenizer_dir, tmp_path / "b", {"hello": 50257}, {}, decoder=False)
+    with pytest.raises(ValueError, match=r"added_tokens.json gives 'hello' the id 50257, but it already has the id 31373"):
+        load_tokenizer(folder)
+    folder = v4_folder(real_tokenizer_dir, tmp_path / "c", {"[PAD]": 100}, {}, decoder=False)
+    with pytest.raises(ValueError, match=r"added_tokens.json gives id 100 to '\[PAD\]', but the vocabulary gives it to"):
+        load_tokenizer(folder)
