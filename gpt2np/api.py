@@ -41,7 +41,7 @@ class Model:
         xp = backend.device_namespace(device)
         return replace(self, params=self.params.map(xp.asarray))
 
-    def forward(self, ids, *, sublayers: bool = False, patterns: bool = False) -> model.Trace:
+    def forward(self, ids, *, sublayers: bool = False, patterns: bool = False, heads: bool = False) -> model.Trace:
         """Run the model on one sequence of token ids ``[T]`` and return its ``Trace``.
 
         Parameters
@@ -49,6 +49,8 @@ class Model:
         ids : sequence of int or ndarray, shape (T,), 1 <= T <= n_positions
         sublayers : also keep ``resid_mid``, ``attn_out`` and ``mlp_out`` (each ``[L, T, D]``)
         patterns : also keep the attention probabilities ``pattern`` (``[L, H, T, T]``)
+        heads : also keep each head's write into the stream, ``heads`` (``[L, H, T, D]``: L x H x T x D
+            float32, 4 bytes each; gpt2 at T = 1024: 1.4 GiB), which with ``c_proj``'s bias sums to ``attn_out``
 
         Examples
         --------
@@ -58,9 +60,10 @@ class Model:
         """
         ids = model.check_ids(ids, self.config)
         if backend.is_numpy(self.params.wte):  # the same maths, laid out for speed on CPUs: fast.py
-            return forward_fast(self.params, self.config, ids, sublayers=sublayers, patterns=patterns)
+            return forward_fast(self.params, self.config, ids, sublayers=sublayers, patterns=patterns, heads=heads)
         xp = backend.namespace(self.params.wte)
-        return model.forward(self.params, self.config, xp.asarray(ids), sublayers=sublayers, patterns=patterns)
+        return model.forward(self.params, self.config, xp.asarray(ids), sublayers=sublayers, patterns=patterns,
+                             heads=heads)
 
     __call__ = forward
 

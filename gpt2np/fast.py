@@ -166,14 +166,14 @@ def _attend_chunks(q, k, v, z, chunks, upper, ones, scratch, pattern=None) -> No
 
 
 def forward_fast(params: Params, config: Config, ids: np.ndarray, *, sublayers: bool = False,
-                 patterns: bool = False, workers: int | None = None) -> Trace:
+                 patterns: bool = False, heads: bool = False, workers: int | None = None) -> Trace:
     """``model.forward`` for NumPy arrays, faster; returns the same ``Trace``.
 
     Parameters
     ----------
     params, config : the model, with NumPy float32 arrays
     ids : ndarray of int, shape (T,), already checked (``model.check_ids``)
-    sublayers, patterns : as in ``model.forward``
+    sublayers, patterns, heads : as in ``model.forward``
     workers : threads to split the work over (default: BLAS's thread count, at most the usable
         cores, at least 512 positions each; 1 when threadpoolctl is not installed)
     """
@@ -183,10 +183,11 @@ def forward_fast(params: Params, config: Config, ids: np.ndarray, *, sublayers: 
     # With several workers, each runs BLAS on its own thread; the BLAS thread count comes back on exit.
     single_blas = blas.limit(limits=1) if workers > 1 and blas is not None else nullcontext()
     with single_blas, (ThreadPoolExecutor(workers) if workers > 1 else nullcontext()) as pool:
-        return _forward(params, config, ids, sublayers, patterns, workers, pool)
+        return _forward(params, config, ids, sublayers, patterns, heads, workers, pool)
 
 
-def _forward(params: Params, config: Config, ids, sublayers: bool, patterns: bool, workers: int, pool) -> Trace:
+def _forward(params: Params, config: Config, ids, sublayers: bool, patterns: bool, keep_heads: bool, workers: int,
+             pool) -> Trace:
     L, T, D, H = config.n_layer, ids.shape[0], config.n_embd, config.n_head
     F, eps, dt = config.d_mlp, config.layer_norm_epsilon, params.wte.dtype
     d = D // H
@@ -205,6 +206,7 @@ def _forward(params: Params, config: Config, ids, sublayers: bool, patterns: boo
     attn_outs = np.empty((L, T, D), dt) if sublayers else None
     mlp_outs = np.empty((L, T, D), dt) if sublayers else None
     pats = np.zeros((L, H, T, T), dt) if patterns else None  # the masked half stays exactly 0
+    head_outs = np.empty((L, H, T, D), dt) if keep_heads else None
 
     # Workspace, allocated once per call and reused by every layer.
     ln = np.empty((T, D), dt)  # normalised stream
@@ -252,10 +254,13 @@ def _forward(params: Params, config: Config, ids, sublayers: bool, patterns: boo
         def attn_chunks(w, l=l):
             _attend_chunks(q, k, v, z_heads, chunks[w], upper, ones, scratch[w], None if pats is None else pats[l])
 
-        def block_rows(w, p=p, x=x, x_next=x_next, a=a, xm=xm, m=m):
+        def block_rows(w, l=l, p=p, x=x, x_next=x_next, a=a, xm=xm, m=m):
             r = rows[w]
             np.matmul(z[r], p.attn_c_proj_weight, out=a[r])  # [R, D]
             a[r] += p.attn_c_proj_bias
+            if keep_heads:  # head h: its d columns of z times its d rows of c_proj
+                for h in range(H):
+                    np.matmul(z[r, h * d:(h + 1) * d], p.attn_c_proj_weight[h * d:(h + 1) * d], out=head_outs[l, h, r])
             np.add(x[r], a[r], out=xm[r])  # resid_mid = x + attn(ln_1(x))
             layer_norm_(xm[r], p.ln_2_weight, p.ln_2_bias, eps, out=ln[r])
             h = hidden[r]
@@ -281,4 +286,4 @@ def _forward(params: Params, config: Config, ids, sublayers: bool, patterns: boo
         np.matmul(ln[r], unembed_t, out=logits[r])  # [R, D] -> [R, V]
 
     run(logit_rows, range(len(rows)))
-    return Trace(ids, resid, logits, mid, attn_outs, mlp_outs, pats)
+    return Trace(ids, resid, logits, mid, attn_outs, mlp_outs, pats, head_outs)

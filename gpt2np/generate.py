@@ -50,7 +50,7 @@ def _run(params: Params, config: Config, ids, cache: Cache | None, keep_resid: b
     resid, mid, kv = [x], [], []
     for l, p in enumerate(params.h):
         past = None if cache is None else cache.kv[l]
-        a, _, k_v = attention(layer_norm(x, p.ln_1_weight, p.ln_1_bias, eps), p, config.n_head,
+        a, _, k_v, _ = attention(layer_norm(x, p.ln_1_weight, p.ln_1_bias, eps), p, config.n_head,
                               config.attn_scale(l), past)  # [T, D]
         x = x + a  # resid_mid [T, D]
         mid.append(x)

@@ -77,7 +77,8 @@ def attention(x, p: Block, n_head: int, scale: float, past=None):
     """Multi-head causal self-attention on the normalised stream ``x [T, D]``; scores times ``scale``.
 
     ``past`` is an optional ``(k, v)`` pair of ``[H, S0, d]`` from earlier positions (KV cache).
-    Returns ``(out [T, D], pattern [H, T, S], (k, v) [H, S, d])`` with S = S0 + T.
+    Returns ``(out [T, D], pattern [H, T, S], (k, v) [H, S, d], z [T, D])`` with S = S0 + T, where
+    ``z`` is the heads' outputs side by side, before ``c_proj`` (``out = z @ c_proj + bias``).
     """
     xp = namespace(x)
     D = x.shape[1]
@@ -86,7 +87,19 @@ def attention(x, p: Block, n_head: int, scale: float, past=None):
     if past is not None:
         k, v = xp.concat((past[0], k), axis=1), xp.concat((past[1], v), axis=1)  # [H, S, d]
     out, pattern = attend(q, k, v, scale)  # [H, T, d], [H, T, S]
-    return merge_heads(out) @ p.attn_c_proj_weight + p.attn_c_proj_bias, pattern, (k, v)  # [T, D]
+    z = merge_heads(out)  # [T, D]
+    return z @ p.attn_c_proj_weight + p.attn_c_proj_bias, pattern, (k, v), z  # [T, D]
+
+
+def head_outputs(z, p: Block, n_head: int):
+    """What each head writes into the stream: ``z [T, D]`` (``attention``'s merged heads) -> ``[H, T, D]``.
+
+    Head h's slice of ``z`` times its d rows of ``c_proj`` (no bias): the H outputs plus ``c_proj``'s
+    bias sum to the attention output.
+    """
+    xp = namespace(z)
+    D = z.shape[1]
+    return split_heads(z, n_head) @ xp.reshape(p.attn_c_proj_weight, (n_head, D // n_head, D))  # [H, T, d] @ [H, d, D]
 
 
 def mlp(x, p: Block):
@@ -124,6 +137,7 @@ class Trace:
     attn_out: object = None  # [L, T, D] attention sub-block output (sublayers=True)
     mlp_out: object = None  # [L, T, D] MLP sub-block output (sublayers=True)
     pattern: object = None  # [L, H, T, T] attention probabilities (patterns=True)
+    heads: object = None  # [L, H, T, D] each head's write into the stream, without c_proj's bias (heads=True)
 
     @property
     def resid_post(self):
@@ -140,7 +154,8 @@ class Trace:
         return Trace(**{f.name: to_numpy(getattr(self, f.name)) for f in fields(self)})
 
 
-def forward(params: Params, config: Config, ids, *, sublayers: bool = False, patterns: bool = False) -> Trace:
+def forward(params: Params, config: Config, ids, *, sublayers: bool = False, patterns: bool = False,
+            heads: bool = False) -> Trace:
     """Run GPT-2 on one sequence ``ids [T]`` (already checked) and return its ``Trace``."""
     xp = namespace(params.wte)
     L, T, D = config.n_layer, ids.shape[0], config.n_embd
@@ -150,24 +165,27 @@ def forward(params: Params, config: Config, ids, *, sublayers: bool = False, pat
     attn_outs = xp.empty((L, T, D), dtype=resid.dtype) if sublayers else None
     mlp_outs = xp.empty((L, T, D), dtype=resid.dtype) if sublayers else None
     pats = xp.empty((L, config.n_head, T, T), dtype=resid.dtype) if patterns else None
+    head_outs = xp.empty((L, config.n_head, T, D), dtype=resid.dtype) if heads else None
 
     x = embed(params, ids)  # [T, D]
     resid[0, ...] = x
     for l, p in enumerate(params.h):
-        a, pattern, _ = attention(layer_norm(x, p.ln_1_weight, p.ln_1_bias, eps), p, config.n_head,
-                                  config.attn_scale(l))  # [T, D]
+        a, pattern, _, z = attention(layer_norm(x, p.ln_1_weight, p.ln_1_bias, eps), p, config.n_head,
+                                     config.attn_scale(l))  # [T, D]
         x = x + a  # resid_mid [T, D]
         if sublayers:
             attn_outs[l, ...], mid[l, ...] = a, x
         if patterns:
             pats[l, ...] = pattern
+        if heads:
+            head_outs[l, ...] = head_outputs(z, p, config.n_head)  # [H, T, D]
         m = mlp(layer_norm(x, p.ln_2_weight, p.ln_2_bias, eps), p)  # [T, D]
         x = x + m  # resid_post [T, D]
         if sublayers:
             mlp_outs[l, ...] = m
         resid[l + 1, ...] = x
     logits = unembed(params, config, x)  # [T, V]
-    return Trace(ids, resid, logits, mid, attn_outs, mlp_outs, pats)
+    return Trace(ids, resid, logits, mid, attn_outs, mlp_outs, pats, head_outs)
 
 
 def check_ids(ids, config: Config) -> np.ndarray:

@@ -7,6 +7,8 @@ arrays. The sums are held against the model's own logits (gpt2np's and transform
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -31,14 +33,14 @@ def reference_parts(ref, torch, ids):
     outputs (c_proj's input split by head, times c_proj's rows), the final stream, and the logits."""
     got = {"attn": [], "mlp": [], "z": [], "final": []}
     h = ref.transformer.h
-    hooks = [blk.attn.register_forward_hook(lambda m, a, out: got["attn"].append(out[0][0].double().numpy()))
+    hooks = [blk.attn.register_forward_hook(lambda m, a, out: got["attn"].append(out[0][0].detach().double().numpy()))
              for blk in h]
-    hooks += [blk.mlp.register_forward_hook(lambda m, a, out: got["mlp"].append(out[0].double().numpy()))
+    hooks += [blk.mlp.register_forward_hook(lambda m, a, out: got["mlp"].append(out[0].detach().double().numpy()))
               for blk in h]
-    hooks += [blk.attn.c_proj.register_forward_pre_hook(lambda m, a: got["z"].append(a[0][0].double().numpy()))
+    hooks += [blk.attn.c_proj.register_forward_pre_hook(lambda m, a: got["z"].append(a[0][0].detach().double().numpy()))
               for blk in h]
     hooks.append(ref.transformer.ln_f.register_forward_pre_hook(
-        lambda m, a: got["final"].append(a[0][0].double().numpy())))
+        lambda m, a: got["final"].append(a[0][0].detach().double().numpy())))
     try:
         with torch.no_grad():
             out = ref(torch.as_tensor(np.asarray(ids))[None])
@@ -50,16 +52,16 @@ def reference_parts(ref, torch, ids):
     d = ref.config.n_embd // H
     heads = []
     for blk, z in zip(h, got["z"]):
-        w = blk.attn.c_proj.weight.double().numpy()  # [D, D] (Conv1D: x @ w)
+        w = blk.attn.c_proj.weight.detach().double().numpy()  # [D, D] (Conv1D: x @ w)
         heads.append([z[:, i * d:(i + 1) * d] @ w[i * d:(i + 1) * d, :] for i in range(H)])
     return {
-        "embed": ref.transformer.wte.weight.double().numpy()[np.asarray(ids)],
-        "pos_embed": ref.transformer.wpe.weight.double().numpy()[:T],
+        "embed": ref.transformer.wte.weight.detach().double().numpy()[np.asarray(ids)],
+        "pos_embed": ref.transformer.wpe.weight.detach().double().numpy()[:T],
         "attn": got["attn"], "mlp": got["mlp"], "heads": heads,
-        "attn_bias": [blk.attn.c_proj.bias.double().numpy() for blk in h],
-        "final": got["final"][0], "logits": out.logits[0].double().numpy(),
-        "W": ref.lm_head.weight.double().numpy(),
-        "g": ref.transformer.ln_f.weight.double().numpy(), "b": ref.transformer.ln_f.bias.double().numpy(),
+        "attn_bias": [blk.attn.c_proj.bias.detach().double().numpy() for blk in h],
+        "final": got["final"][0], "logits": out.logits[0].detach().double().numpy(),
+        "W": ref.lm_head.weight.detach().double().numpy(),
+        "g": ref.transformer.ln_f.weight.detach().double().numpy(), "b": ref.transformer.ln_f.bias.detach().double().numpy(),
     }
 
 
@@ -170,7 +172,8 @@ def test_bad_input(tiny_model):
         attribute(m, tr, "")
     several = m.encode("hello world")
     assert len(several) > 1
-    with pytest.raises(ValueError, match=f"encodes to {len(several)} tokens .*'hello'"):
+    named = re.escape(" + ".join(repr(t) for t in m.tokens(several)))  # every token, by its text
+    with pytest.raises(ValueError, match=f"encodes to {len(several)} tokens \\({named}\\)"):
         attribute(m, tr, "hello world")
     with pytest.raises(ValueError, match="row='9' names no row"):
         decompose(m, tr, "9")

@@ -91,9 +91,9 @@ def test_generation_path_with_past_on_strict(tiny):
     eps, blk = c.layer_norm_epsilon, p.h[0]
     with host_conversion_blocked():
         x = M.layer_norm(M.embed(p, ids), blk.ln_1_weight, blk.ln_1_bias, eps)  # [T, D]
-        full, full_pattern, _ = M.attention(x, blk, c.n_head, c.attn_scale(0))
-        head, _, past = M.attention(x[:-1, :], blk, c.n_head, c.attn_scale(0))
-        last, last_pattern, (k, v) = M.attention(x[-1:, :], blk, c.n_head, c.attn_scale(0), past=past)
+        full, full_pattern, _, _ = M.attention(x, blk, c.n_head, c.attn_scale(0))
+        head, _, past, _ = M.attention(x[:-1, :], blk, c.n_head, c.attn_scale(0))
+        last, last_pattern, (k, v), _ = M.attention(x[-1:, :], blk, c.n_head, c.attn_scale(0), past=past)
         emb = M.embed(p, ids[-1:], start=6)  # [1, D]
     assert is_strict(last) and k.shape == (c.n_head, 7, c.d_head)
     np.testing.assert_allclose(np.from_dlpack(last), np.from_dlpack(full)[-1:], rtol=1e-5, atol=1e-6)
