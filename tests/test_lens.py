@@ -608,3 +608,24 @@ def test_a_lens_checks_its_fields_when_made(tiny_model):
         dataclasses.replace(lens, next_prob=lens.next_prob.tolist())
     with pytest.raises(ValueError, match="start must be an integer"):
         dataclasses.replace(lens, start=0.0)
+
+
+@pytest.mark.parametrize("impl", ["definition", "public"])
+def test_a_trace_from_another_model_is_refused(make_checkpoint, tiny_model, impl):
+    lens_of = definition.logit_lens if impl == "definition" else logit_lens
+    ids = [1, 2, 3, 4, 5]
+    for fields_ in (dict(n_embd=36), dict(n_layer=2)):  # another width, another depth
+        other = gpt2np.load(make_checkpoint(**fields_))
+        with pytest.raises(ValueError, match=r"the trace comes from another model: its streams have shape .*"
+                                             r"make the trace with this model's forward"):
+            lens_of(tiny_model, other.forward(ids))
+    bigger = gpt2np.load(make_checkpoint(vocab_size=500))  # the same width and depth, a larger vocabulary
+    with pytest.raises(ValueError, match=r"another model: its token id 450 at position 1 is outside this model's "
+                                         r"vocabulary \[0, 400\)"):
+        lens_of(tiny_model, bigger.forward([7, 450, 3]))
+    full, short = tiny_model.forward(ids, sublayers=True), tiny_model.forward(ids[:3], sublayers=True)
+    with pytest.raises(ValueError, match=r"resid_mid has shape \[3, 3, 48\], but its streams \[4, 5, 48\] need "
+                                         r"\[3, 5, 48\]"):
+        lens_of(tiny_model, dataclasses.replace(full, resid_mid=short.resid_mid), sublayers=True)
+    with pytest.raises(ValueError, match=r"the trace's ids \(shape \[3\], dtype int64\) are not the 5 integer token ids"):
+        lens_of(tiny_model, dataclasses.replace(full, ids=short.ids))
