@@ -570,3 +570,25 @@ def test_dollar_signs_in_the_text_draw_literally(capsys, make_checkpoint, real_t
     out = tmp_path / "x.png"
     code, stdout, err = run(capsys, "lens", "a $$ b", "--model", ckpt, "--out", out, "--dpi", 40)
     assert code == 0 and err == "" and out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_failed_checkpoint_write_leaves_the_older_checkpoint(tmp_path, monkeypatch):
+    """scripts/make_checkpoint.py writes each file beside and renames it: a failure midway (a full disk)
+    leaves the older checkpoint whole and loadable, and no temporary file behind."""
+    import make_checkpoint
+    from gpt2np.config import Config
+
+    config = Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=300)
+    folder = make_checkpoint.write_checkpoint(tmp_path / "ckpt", config, seed=0)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def half(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(make_checkpoint, "save_file", half)
+    with pytest.raises(OSError, match="No space left"):
+        make_checkpoint.write_checkpoint(folder, config, seed=1)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert gpt2np.load(folder).config == config
