@@ -279,8 +279,8 @@ def _save_figures(lens, views: list[str], out: str, *, vmin, vmax, dpi: int, tit
     very wide windows get a lower dpi (Agg draws at most 2**16 pixels a side)."""
     from . import plot as P
 
-    written = []
-    for path, vs in _figure_jobs(out, views):
+    jobs = []
+    for path, vs in _figure_jobs(out, views):  # every size checked before the first figure is drawn
         size = P.figsize(lens, len(vs))
         at = min(dpi, MAX_PIXELS / max(size))
         try:
@@ -289,6 +289,9 @@ def _save_figures(lens, views: list[str], out: str, *, vmin, vmax, dpi: int, tit
             raise UserError(f"--dpi {dpi} is too high for {path}: a figure of {size[0]:.1f} x {size[1]:.1f} inches "
                             f"would exceed the limit of {P.MAX_MEGAPIXELS} megapixels; use --dpi "
                             f"{P.max_dpi(size)} or less") from None
+        jobs.append((path, vs, at))
+    written = []
+    for path, vs, at in jobs:
         if len(vs) == 1:
             fig = P.plot_lens(lens, vs[0], vmin=vmin, vmax=vmax, title=title)
         else:
