@@ -54,7 +54,7 @@ def _read_text(args, what: str = "text") -> str:
     if args.file is not None or args.text == "-":
         source = args.file if args.file is not None else "-"
         if source == "-":
-            text = sys.stdin.read()
+            text = _read_stdin()
         else:
             try:
                 text = Path(source).read_text(encoding="utf-8")
@@ -70,6 +70,18 @@ def _read_text(args, what: str = "text") -> str:
     if not text:
         raise UserError(f"the {what} is empty")
     return text
+
+
+def _read_stdin() -> str:
+    """Standard input as UTF-8, strictly (as a ``--file``): undecodable bytes are an error, never replaced."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # already text (e.g. io.StringIO)
+        return sys.stdin.read()
+    data = buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"cannot read standard input: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _load(args):
@@ -95,6 +107,36 @@ def _check_suffix(path: str | None, allowed: tuple, option: str) -> None:
                         f"use {', '.join(allowed)}")
 
 
+def _check_writable(path: str | None, option: str) -> None:
+    """Refuse an output path that cannot be written, before any work: a missing or read-only folder,
+    a folder in place of the file, a read-only file."""
+    if path is None:
+        return
+    p = Path(path)
+    folder = p.parent
+    if p.is_dir():
+        problem = "it is a folder; give a file name"
+    elif not folder.exists():
+        problem = f"the folder {folder} does not exist; create it first"
+    elif not folder.is_dir():
+        problem = f"{folder} is not a folder"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        problem = f"the folder {folder} is not writable"
+    elif p.exists() and not os.access(p, os.W_OK):
+        problem = "the file is read-only"
+    else:
+        return
+    raise UserError(f"cannot write {option} {path}: {problem}")
+
+
+def _check_decoder_blocks(model, args) -> None:
+    """``--decoder-blocks`` against the model's depth (with ``--no-input``, one row must be left)."""
+    L = model.config.n_layer
+    if args.decoder_blocks > L or (args.decoder_blocks == L and args.no_input):
+        raise UserError(f"--decoder-blocks {args.decoder_blocks} leaves no row to show: {model.name} has {L} blocks"
+                        + (" and --no-input drops the input row" if args.no_input else ""))
+
+
 def _width(s: str) -> int:
     """Terminal columns of ``s`` (East Asian wide characters take two)."""
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 0 if unicodedata.combining(c) else 1 for c in s)
@@ -103,6 +145,17 @@ def _width(s: str) -> int:
 def _pad(s: str, n: int, right: bool = False) -> str:
     fill = " " * max(0, n - _width(s))
     return fill + s if right else s + fill
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite number."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return v
 
 
 def _at_least(low: int):
@@ -184,25 +237,69 @@ def lens_table(lens, view: str | None = None, columns: int | None = None) -> str
 # Figures
 
 
-def _save_figures(lens, views: list[str], out: str, *, vmin, vmax, dpi: int, title) -> list[str]:
-    """One figure (one view, or a grid of several) or, with ``{view}`` in ``out``, one file per view."""
-    from .plot import plot_lens, plot_views
-
+def _figure_jobs(out: str, views: list[str]) -> list[tuple[str, list[str]]]:
+    """``(path, views)`` of each figure: one (one view, or a grid of several) or, with ``{view}`` in
+    ``out``, one file per view."""
     if "{view}" in out:
-        jobs = [(out.replace("{view}", v), [v]) for v in views]
-    else:
-        jobs = [(out, views)]
+        return [(out.replace("{view}", v), [v]) for v in views]
+    return [(out, views)]
+
+
+def _check_figure_options(args) -> None:
+    """Before any work: the figure files can be written, the dpi can draw at least the smallest figure,
+    and the colour limits fit each view's fixed defaults (limits from the data are checked when drawing)."""
+    if not args.out:
+        return
+    from . import plot as P
+
+    views = args.view or ["logits"]
+    for path, _ in _figure_jobs(args.out, views):
+        _check_writable(path, "--out")
+    smallest = P.size_of(1, 1)
+    if args.dpi > P.max_dpi(smallest):
+        raise UserError(f"--dpi {args.dpi} is too high: even the smallest figure ({smallest[0]:.1f} x "
+                        f"{smallest[1]:.1f} inches) would exceed the limit of {P.MAX_MEGAPIXELS} megapixels; "
+                        f"use --dpi {P.max_dpi(smallest)} or less")
+    if args.vmin is not None and args.vmax is not None and args.vmin >= args.vmax:
+        raise UserError(f"--vmin {args.vmin:g} must be below --vmax {args.vmax:g}")
+    for v in views:
+        view = P.VIEWS[v]
+        lo = args.vmin if args.vmin is not None else view.vmin
+        hi = args.vmax if args.vmax is not None else view.vmax
+        if view.log and args.vmin is not None and args.vmin <= 0:
+            raise UserError(f"--vmin {args.vmin:g} must be above 0 for --view {v} (a log scale)")
+        if lo is not None and hi is not None and hi <= lo:
+            which, value = ("--vmin", args.vmin) if args.vmin is not None else ("--vmax", args.vmax)
+            raise UserError(f"{which} {value:g} leaves no range for --view {v}: its limits would be {lo:g}..{hi:g}; "
+                            "give --vmin and --vmax with vmin < vmax")
+
+
+def _save_figures(lens, views: list[str], out: str, *, vmin, vmax, dpi: int, title) -> list[str]:
+    """Each figure of ``_figure_jobs``, its pixel size checked before it is drawn (``plot.check_pixels``);
+    very wide windows get a lower dpi (Agg draws at most 2**16 pixels a side)."""
+    from . import plot as P
+
+    jobs = []
+    for path, vs in _figure_jobs(out, views):  # every size checked before the first figure is drawn
+        size = P.figsize(lens, len(vs))
+        at = min(dpi, MAX_PIXELS / max(size))
+        try:
+            P.check_pixels(size, at)
+        except ValueError:
+            raise UserError(f"--dpi {dpi} is too high for {path}: a figure of {size[0]:.1f} x {size[1]:.1f} inches "
+                            f"would exceed the limit of {P.MAX_MEGAPIXELS} megapixels; use --dpi "
+                            f"{P.max_dpi(size)} or less") from None
+        jobs.append((path, vs, at))
     written = []
-    for path, vs in jobs:
+    for path, vs, at in jobs:
         if len(vs) == 1:
-            fig = plot_lens(lens, vs[0], vmin=vmin, vmax=vmax, title=title)
+            fig = P.plot_lens(lens, vs[0], vmin=vmin, vmax=vmax, title=title)
         else:
-            fig = plot_views(lens, vs, vmin=vmin, vmax=vmax, title=title)
-        size = max(fig.get_size_inches())
+            fig = P.plot_views(lens, vs, vmin=vmin, vmax=vmax, title=title)
         try:
             with warnings.catch_warnings():  # a token in a script the font lacks is drawn as a box
                 warnings.filterwarnings("ignore", message="Glyph .* missing from")
-                fig.savefig(path, dpi=min(dpi, MAX_PIXELS / size))
+                P.save_figure(fig, path, dpi=at)
         except OSError as e:
             raise UserError(f"cannot write {path}: {e.strerror or e}") from None
         written.append(path)
@@ -215,10 +312,11 @@ def _figure_options(p: argparse.ArgumentParser) -> None:
                         "one grid figure, or one file each when --out contains {view}")
     p.add_argument("--out", metavar="FILE", help="write the figure to FILE (.png, .svg or .pdf); "
                    "'{view}' in the name writes one file per view. Without --out a table is printed")
-    p.add_argument("--vmin", type=float, help="lower colour limit (default: the view's)")
-    p.add_argument("--vmax", type=float, help="upper colour limit (default: the view's cap, e.g. KL 30, rank 100)")
+    p.add_argument("--vmin", type=_finite, help="lower colour limit (default: the view's)")
+    p.add_argument("--vmax", type=_finite, help="upper colour limit (default: the view's cap, e.g. KL 30, rank 100)")
     p.add_argument("--title", help="figure title (default: the view, model and decoder settings)")
-    p.add_argument("--dpi", type=_positive, default=150, help="resolution of PNG figures (default 150)")
+    p.add_argument("--dpi", type=_positive, default=150, help="resolution of PNG figures (default 150; a figure "
+                   "may have at most 150 megapixels)")
 
 
 def _show(lens, args) -> int:
@@ -245,19 +343,19 @@ def cmd_lens(args) -> int:
 
     _check_suffix(args.out, FIGURE_TYPES, "--out")
     _check_suffix(args.save, LENS_TYPES, "--save")
+    _check_writable(args.save, "--save")
+    _check_figure_options(args)
     text = _read_text(args)
     model = _load(args)
     ids = _encode(model, text)
-    T, L = len(ids), model.config.n_layer
+    T = len(ids)
     start = 0 if args.start is None else args.start + T if args.start < 0 else args.start
     end = T if args.end is None else args.end + T if args.end < 0 else args.end
     if not 0 <= start < end <= T:
         asked = " ".join(f"--{k} {v}" for k, v in (("start", args.start), ("end", args.end)) if v is not None)
         raise UserError(f"bad window {asked}: the text has {T} tokens, so "
                         f"0 <= start < end <= {T} is needed (negative values count from the end)")
-    if args.decoder_blocks > L or (args.decoder_blocks == L and args.no_input):
-        raise UserError(f"--decoder-blocks {args.decoder_blocks} leaves no row to show: {model.name} has {L} blocks"
-                        + (" and --no-input drops the input row" if args.no_input else ""))
+    _check_decoder_blocks(model, args)
     if args.top_k > model.config.vocab_size:
         raise UserError(f"--top-k {args.top_k} exceeds the vocabulary size {model.config.vocab_size}")
     trace = model.forward(ids, sublayers=args.sublayers)
@@ -278,11 +376,14 @@ def cmd_plot(args) -> int:
 
     _check_suffix(args.out, FIGURE_TYPES, "--out")
     _check_suffix(args.lens_file, LENS_TYPES, "LENS_FILE")
+    _check_figure_options(args)
     path = Path(args.lens_file)
     if not path.is_file():
         raise UserError(f"cannot read {path}: no such file")
     try:
         lens = Lens.load(path)
+    except ValueError as e:  # a damaged or hand-edited file: the message names the field
+        raise UserError(f"{_one_line(e)}; make one with `gpt2np lens ... --save FILE`") from None
     except Exception as e:  # zip, JSON and field errors of a damaged or foreign file
         raise UserError(f"cannot read {path} as a saved lens ({type(e).__name__}: {e}); "
                         "make one with `gpt2np lens ... --save FILE`") from None
@@ -317,9 +418,14 @@ def _write_stream(model, tokens, out) -> list[int]:
 
 def cmd_generate(args) -> int:
     _check_suffix(args.lens_out, LENS_TYPES, "--lens-out")
+    _check_writable(args.lens_out, "--lens-out")
     prompt = _read_text(args, "prompt")
     model = _load(args)
     ids = _encode(model, prompt, "prompt")
+    if args.lens_out:  # the lens's options, before generation (the lens is read once it is done)
+        _check_decoder_blocks(model, args)
+        if args.max_new_tokens == 0:
+            raise UserError("--lens-out needs at least one new token: --max-new-tokens 0 generates none")
     tokens = _token_stream(model, ids, args)  # checks the arguments before printing anything
     out = sys.stdout
     if not args.no_prompt:
@@ -551,7 +657,7 @@ def build_parser() -> Parser:
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
     p.add_argument("--top-k", type=_positive, help="sample among the K most probable tokens")
     p.add_argument("--top-p", type=float, help="then among the smallest set with probability >= P, in (0, 1]")
-    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
+    p.add_argument("--seed", type=_nonnegative, help="random seed (>= 0): the same seed gives the same text")
     p.add_argument("--stop-at-eot", action="store_true", help="stop after <|endoftext|>")
     p.add_argument("--no-prompt", action="store_true", help="print only the new text")
     p.add_argument("--lens-out", metavar="FILE", help="record the logit lens at every position that chose a new "

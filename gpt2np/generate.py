@@ -94,11 +94,29 @@ def step(params: Params, config: Config, cache: Cache, token: int, *, keep_resid
     return _run(params, config, xp.asarray([int(token)], dtype=xp.int64), cache, keep_resid)
 
 
+def _number(v) -> bool:
+    """A real number: Python's or NumPy's integers and floats, not bool (nor a string, None, an array)."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _whole(v) -> bool:
+    return math.isfinite(v) and int(v) == v
+
+
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not _number(temperature):
+        raise TypeError(f"temperature={temperature!r} must be a number >= 0 (0 is greedy decoding), "
+                        f"not {type(temperature).__name__}")
     if not temperature >= 0:  # also rejects NaN
         raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy decoding)")
-    if top_k is not None and (int(top_k) != top_k or top_k < 1):
+    if top_k is not None and not _number(top_k):
+        raise TypeError(f"top_k={top_k!r} must be a whole number >= 1 or None (keep every token), "
+                        f"not {type(top_k).__name__}")
+    if top_k is not None and (not _whole(top_k) or top_k < 1):
         raise ValueError(f"top_k={top_k} must be a whole number >= 1 (or None to keep every token)")
+    if top_p is not None and not _number(top_p):
+        raise TypeError(f"top_p={top_p!r} must be a number in (0, 1] or None (keep every token), "
+                        f"not {type(top_p).__name__}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1] (or None to keep every token)")
 
@@ -164,11 +182,22 @@ def pick(logits, rng: np.random.Generator, *, temperature: float = 1.0, top_k: i
 
 
 def check_request(config: Config, T: int, max_new_tokens: int, *, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None) -> None:
-    """Raise if a generation of ``max_new_tokens`` after ``T`` prompt tokens cannot run as asked."""
+                  top_k: int | None = None, top_p: float | None = None, seed=None) -> None:
+    """Raise if a generation of ``max_new_tokens`` after ``T`` prompt tokens cannot run as asked: a
+    TypeError for an argument of the wrong type, a ValueError for a value out of range."""
     _check_sampling(temperature, top_k, top_p)
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+    if not _number(max_new_tokens):
+        raise TypeError(f"max_new_tokens={max_new_tokens!r} must be a whole number >= 0, "
+                        f"not {type(max_new_tokens).__name__}")
+    if not _whole(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be a whole number >= 0")
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
+        if seed < 0:
+            raise ValueError(f"seed={seed} must be a whole number >= 0 (or None for a fresh random seed)")
+    elif seed is not None and not isinstance(seed, (np.random.SeedSequence, np.random.BitGenerator,
+                                                     np.random.Generator)):
+        raise TypeError(f"seed={seed!r} must be a whole number >= 0 or None (a fresh random seed), "
+                        f"not {type(seed).__name__}")
     if T + max_new_tokens > config.n_positions:
         raise ValueError(f"a prompt of {T} tokens plus {max_new_tokens} new tokens exceeds the context of "
                          f"{config.n_positions} positions: at most {max(config.n_positions - T, 0)} new "
@@ -184,7 +213,8 @@ def stream(params: Params, config: Config, ids, max_new_tokens: int, *, temperat
     """
     xp = namespace(params.wte)
     ids = xp.asarray(ids)
-    check_request(config, ids.shape[0], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    check_request(config, ids.shape[0], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  seed=seed)
     eot = config.vocab_size - 1 if eot_id is None else int(eot_id)
     return _tokens(params, config, ids, int(max_new_tokens), np.random.default_rng(seed), temperature, top_k,
                    top_p, eot if stop_at_eot else None)

@@ -175,10 +175,20 @@ def check_options(model, trace, *, k, step, include_input, sublayers, start, end
     cfg = model.config
     L, V, D = cfg.n_layer, cfg.vocab_size, cfg.n_embd
     shape = tuple(trace.resid.shape)
+    fix = f"make the trace with this model's forward ({model.name}: {L} blocks of width {D}, {V} tokens)"
     if len(shape) != 3 or (shape[0], shape[2]) != (L + 1, D):
-        raise ValueError(f"the trace's streams have shape {list(shape)}, this model's are [{L + 1}, T, {D}] "
-                         f"({L} blocks of width {D}): make the trace with this model's forward")
+        raise ValueError(f"the trace comes from another model: its streams have shape {list(shape)}, this model's "
+                         f"are [{L + 1}, T, {D}]; {fix}")
     T = shape[1]
+    ids = to_numpy(trace.ids)
+    if ids.shape != (T,) or ids.dtype.kind not in "iu":
+        raise ValueError(f"the trace's ids (shape {list(ids.shape)}, dtype {ids.dtype}) are not the {T} integer "
+                         f"token ids of its streams [{L + 1}, {T}, {D}]; {fix}")
+    outside = (ids < 0) | (ids >= V)
+    if outside.any():
+        i = int(np.argmax(outside))
+        raise ValueError(f"the trace comes from another model: its token id {int(ids[i])} at position {i} is outside "
+                         f"this model's vocabulary [0, {V}); {fix}")
     if not _integer(k) or not 1 <= k <= V:
         raise ValueError(f"k={k!r} must be an integer between 1 and the vocabulary size {V}")
     if not _integer(step) or step < 1:
@@ -201,6 +211,10 @@ def check_options(model, trace, *, k, step, include_input, sublayers, start, end
     if sublayers and trace.resid_mid is None:
         raise ValueError("sublayers=True needs the streams after each attention sub-block: "
                          "make the trace with model.forward(ids, sublayers=True)")
+    if sublayers and tuple(trace.resid_mid.shape) != (L, T, D):
+        raise ValueError(f"the trace's resid_mid has shape {list(trace.resid_mid.shape)}, but its streams "
+                         f"[{L + 1}, {T}, {D}] need [{L}, {T}, {D}]: the sub-block rows come from another forward "
+                         "pass; make the trace with model.forward(ids, sublayers=True)")
     rows = select_rows(L, step=int(step), include_input=include_input, sublayers=sublayers,
                        decoder_blocks=decoder.blocks)
     return rows, decoder, int(start), int(end)

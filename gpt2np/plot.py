@@ -27,13 +27,19 @@ next-rank      rank of the true next token             log, 1 .. 1000         ci
 Values beyond a cap take the end colour (the colour bar shows an arrow). The last position of the
 sequence has no next token: its ``next-rank`` cells are blank (light grey).
 
+Every string drawn (cell texts, token axes, row labels, titles) is drawn literally: a token such as
+`` $$`` or ``$x^$`` is text, never mathtext or LaTeX (``parse_math=False, usetex=False``).
+
 Only the object-oriented API is used (``matplotlib.figure.Figure``): nothing here touches pyplot's
-global state or opens a window. Save with ``fig.savefig("lens.png")``; in a notebook the returned
-figure displays itself.
+global state or opens a window. Save with ``save_figure(fig, "lens.png")`` (the size checked first,
+an earlier file replaced only once the new one is complete) or ``fig.savefig``; in a notebook the
+returned figure displays itself.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -42,6 +48,8 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, NullFormatter
+
+from .files import replacing
 
 # Whitespace and control characters as drawn: a space is a middle dot, a newline a return arrow.
 VISIBLE = {" ": "·", "\n": "↵", "\t": "⇥", "\r": "⏎"}
@@ -54,6 +62,13 @@ MARGIN_W, MARGIN_H = 2.3, 2.5
 CELL_FONT, TICK_FONT = 7.5, 8
 OUTLINE = "#e4572e"  # orange-red: visible on both ends of cividis
 BLANK = "#e6e6e6"  # cells without a value (next-rank at the last position)
+LITERAL = {"parse_math": False, "usetex": False}  # text properties: token text is drawn as it is
+
+# The largest image a figure may be saved as: 150 megapixels (600 MB of RGBA while drawing), and
+# Agg's own limit of 2**16 pixels a side. ``save_figure`` refuses larger sizes before drawing.
+MAX_MEGAPIXELS = 150
+MAX_SIDE = 2**16 - 1
+FIGURE_TYPES = (".png", ".svg", ".pdf")
 
 
 @dataclass(frozen=True)
@@ -127,6 +142,12 @@ def limits(lens, view: str, vmin: float | None = None, vmax: float | None = None
     """The colour limits of ``view`` for ``lens``: the arguments where given, else the view's
     defaults (the post's caps), else from the data (logits: 5th to 95th percentile; entropy: 0 to max)."""
     v = _view(view)
+    for name, x in (("vmin", vmin), ("vmax", vmax)):
+        if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating))
+                              or not math.isfinite(x)):
+            raise ValueError(f"{name}={x!r} must be a finite number (or None: the {view} view's default)")
+    if v.log and vmin is not None and vmin <= 0:
+        raise ValueError(f"vmin={vmin:g} must be above 0: the {view} view has a log scale")
     data = v.values(lens)
     finite = data[np.isfinite(data)]
     lo, hi = (vmin if vmin is not None else v.vmin), (vmax if vmax is not None else v.vmax)
@@ -134,15 +155,60 @@ def limits(lens, view: str, vmin: float | None = None, vmax: float | None = None
         lo = float(np.percentile(finite, 5)) if finite.size else 0.0
     if hi is None:
         hi = float(np.percentile(finite, 95) if view == "logits" else finite.max()) if finite.size else 1.0
-    if hi <= lo:  # a constant panel: widen so the norm is defined
+    if hi <= lo and (vmin is not None or vmax is not None):  # never change a limit the caller gave
+        given = "both given" if vmin is not None and vmax is not None else \
+            f"vmax the {view} view's default" if vmin is not None else f"vmin the {view} view's default"
+        raise ValueError(f"vmin={lo:g} must be below vmax={hi:g} ({given}): give limits with vmin < vmax")
+    if hi <= lo:  # a constant panel and no limits given: widen so the norm is defined
         hi = lo * 10 if v.log else lo + 1.0
     return float(lo), float(hi)
 
 
 def figsize(lens, n_panels: int = 1) -> tuple[float, float]:
     """Figure size in inches: grows with the window width and the number of rows (and panels)."""
-    W, R = lens.end - lens.start, len(lens.rows)
+    return size_of(lens.end - lens.start, len(lens.rows), n_panels)
+
+
+def size_of(W: int, R: int, n_panels: int = 1) -> tuple[float, float]:
+    """``figsize`` of a window of W positions and R rows (``size_of(1, 1)``: the smallest figure)."""
     return MARGIN_W + CELL_W * max(W, 4), n_panels * (MARGIN_H + CELL_H * max(R, 2))
+
+
+def max_dpi(size: tuple[float, float]) -> int:
+    """The largest whole dpi at which a figure of ``size`` inches stays within ``MAX_MEGAPIXELS`` and
+    ``MAX_SIDE``."""
+    w, h = size
+    return max(0, math.floor(min(math.sqrt(MAX_MEGAPIXELS * 1e6 / (w * h)), MAX_SIDE / max(w, h))))
+
+
+def check_pixels(size: tuple[float, float], dpi: float) -> None:
+    """Raise a ValueError if a figure of ``size`` inches saved at ``dpi`` exceeds ``MAX_MEGAPIXELS`` or
+    ``MAX_SIDE`` pixels a side (cheap: call it before drawing)."""
+    if isinstance(dpi, bool) or not isinstance(dpi, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(dpi) or dpi <= 0:
+        raise ValueError(f"dpi={dpi!r} must be a positive number")
+    w, h = size
+    px_w, px_h = round(w * dpi), round(h * dpi)
+    if w * h * dpi * dpi > MAX_MEGAPIXELS * 1e6 or max(w, h) * dpi > MAX_SIDE:
+        raise ValueError(f"a figure of {w:.1f} x {h:.1f} inches at dpi={dpi:g} would be {px_w} x {px_h} pixels "
+                         f"({px_w * px_h / 1e6:,.0f} megapixels); the limit is {MAX_MEGAPIXELS} megapixels and "
+                         f"{MAX_SIDE} pixels a side: use dpi <= {max_dpi(size)}")
+
+
+def save_figure(fig: Figure, path, *, dpi: float = 150) -> Path:
+    """Save ``fig`` as PNG, SVG or PDF (by the extension), its size checked first (``check_pixels``).
+
+    The file is written beside ``path`` and renamed over it when complete: a failure while drawing
+    or writing leaves an earlier file at ``path`` as it was.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in FIGURE_TYPES:
+        raise ValueError(f"cannot save a figure as {path.suffix or 'a file without extension'}: "
+                         f"use {', '.join(FIGURE_TYPES)}")
+    check_pixels(tuple(fig.get_size_inches()), dpi)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lower()[1:], dpi=dpi)
+    return path
 
 
 def plot_lens(lens, view: str = "logits", *, ax=None, vmin: float | None = None, vmax: float | None = None,
@@ -195,7 +261,7 @@ def plot_views(lens, views=("logits", "ranks", "kl"), *, vmin=None, vmax=None, c
 
     for ax, v in zip(axes, views):
         _draw(ax, lens, v, vmin=pick(vmin, v), vmax=pick(vmax, v), cmap=pick(cmap, v), title=VIEWS[v].title)
-    fig.suptitle(title if title is not None else describe(lens), fontsize=11)
+    fig.suptitle(title if title is not None else describe(lens), fontsize=11, **LITERAL)
     return fig
 
 
@@ -235,24 +301,25 @@ def _draw(ax, lens, view: str, *, vmin, vmax, cmap, title) -> None:
     for r in range(R):
         for w in range(W):
             ax.text(w, r, visible(lens.top_tokens[r, w, 0], CELL_CHARS), ha="center", va="center",
-                    fontsize=CELL_FONT, color="white" if luma[r, w] < 0.5 else "black")
+                    fontsize=CELL_FONT, color="white" if luma[r, w] < 0.5 else "black", **LITERAL)
     # outlines where the cell's top-1 is the final top-1
     for r, w in zip(*np.nonzero(lens.matches_final)):
         ax.add_patch(Rectangle((w - 0.46, r - 0.44), 0.92, 0.88, fill=False, edgecolor=OUTLINE, linewidth=1.4,
                                gid="outline"))
 
-    ax.set_yticks(range(R), labels=list(lens.rows), fontsize=TICK_FONT)
+    ax.set_yticks(range(R), labels=list(lens.rows), fontsize=TICK_FONT, **LITERAL)
     ax.set_xticks(range(W), labels=[visible(t, TICK_CHARS) for t in lens.tokens[lens.start:lens.end]],
-                  rotation=45, ha="right", rotation_mode="anchor", fontsize=TICK_FONT)
+                  rotation=45, ha="right", rotation_mode="anchor", fontsize=TICK_FONT, **LITERAL)
     top = ax.secondary_xaxis("top")
     top.set_xticks(range(W), labels=next_labels(lens), rotation=45, ha="left", rotation_mode="anchor",
-                   fontsize=TICK_FONT)
+                   fontsize=TICK_FONT, **LITERAL)
     for a in (ax, top):
         a.tick_params(length=0)
-    ax.set_ylabel("layer (row read by the lens)", fontsize=TICK_FONT)
-    ax.set_xlabel("input token", fontsize=TICK_FONT)
-    top.set_xlabel("true next token  (* = final top-1 correct)", fontsize=TICK_FONT)
-    ax.set_title(title if title is not None else f"{v.title}\n{describe(lens)}", fontsize=10, loc="left")
+    ax.set_ylabel("layer (row read by the lens)", fontsize=TICK_FONT, **LITERAL)
+    ax.set_xlabel("input token", fontsize=TICK_FONT, **LITERAL)
+    top.set_xlabel("true next token  (* = final top-1 correct)", fontsize=TICK_FONT, **LITERAL)
+    ax.set_title(title if title is not None else f"{v.title}\n{describe(lens)}", fontsize=10, loc="left",
+                 **LITERAL)
 
     # arrows on the colour bar: values beyond a cap (or outside the logits' percentile range) saturate
     extend = "max" if v.log or view.startswith("kl") else "both" if view == "logits" else "neither"
@@ -260,7 +327,7 @@ def _draw(ax, lens, view: str, *, vmin, vmax, cmap, title) -> None:
     cb = ax.figure.colorbar(im, ax=ax, extend=extend, pad=cax_pad, fraction=0.02, aspect=max(10, 1.6 * R))
     capped = view != "probs" and (v.vmax is not None or vmax is not None)
     label = v.title + (f" (capped at {hi:g})" if capped else "")
-    cb.set_label(label, fontsize=TICK_FONT)
+    cb.set_label(label, fontsize=TICK_FONT, **LITERAL)
     cb.ax.tick_params(labelsize=TICK_FONT)
     if v.log:  # 1, 10, 100 rather than 10^0, 10^1, 10^2
         cb.ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))

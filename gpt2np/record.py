@@ -33,7 +33,8 @@ def record(model, ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: 
     of ``yield from``) is the ``Trace`` of prompt + new tokens with ``resid``, ``resid_mid``, ``logits``.
     """
     ids = M.check_ids(ids, model.config)
-    G.check_request(model.config, len(ids), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    G.check_request(model.config, len(ids), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    seed=seed)
     return _record(model, ids, int(max_new_tokens), np.random.default_rng(seed), temperature, top_k, top_p,
                    model.config.vocab_size - 1 if stop_at_eot else None)
 

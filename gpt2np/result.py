@@ -6,10 +6,15 @@ Made by ``gpt2np.logit_lens`` (or its definition, ``gpt2np.lens.logit_lens``); r
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+
+from .files import replacing
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,51 @@ class Lens:
         """``[W]`` bool: the final top-1 equals the true next token (the post's ``*``)."""
         return self.final_ids == self.next_ids
 
+    # --- checks --------------------------------------------------------------------------------
+    def __post_init__(self):
+        """Check every field against the documented shapes and dtype kinds; store ``start``, ``end``
+        and ``settings`` as plain Python values (so that every lens can be saved)."""
+        set_ = partial(object.__setattr__, self)
+        rows = self.rows
+        if isinstance(rows, str) or not isinstance(rows, (tuple, list)) or not rows \
+                or not all(isinstance(r, str) for r in rows):
+            raise ValueError(f"Lens rows must be a non-empty sequence of row labels (strings), got {rows!r:.80}")
+        set_("rows", tuple(str(r) for r in rows))
+        for name in _ARRAY_FIELDS:
+            v = getattr(self, name)
+            if not isinstance(v, np.ndarray):
+                raise ValueError(f"Lens {name} must be a NumPy array, got {type(v).__name__}")
+            want = "integer" if name in _INT_FIELDS else "string" if name in _STR_FIELDS else "float"
+            if v.dtype.kind not in {"integer": "iu", "string": "U", "float": "f"}[want]:
+                raise ValueError(f"Lens {name} must hold {want}s, got dtype {v.dtype}")
+        T = self.ids.shape[0] if self.ids.ndim == 1 else None
+        if T is None or T == 0:
+            raise ValueError(f"Lens ids must have shape [T] with T >= 1, got {list(self.ids.shape)}")
+        for name in ("start", "end"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+                raise ValueError(f"Lens {name} must be an integer, got {v!r}")
+            set_(name, int(v))
+        if not 0 <= self.start < self.end <= T:
+            raise ValueError(f"Lens window start={self.start}, end={self.end} must satisfy "
+                             f"0 <= start < end <= {T} (the length of ids)")
+        R, W, k = len(self.rows), self.end - self.start, self.top_ids.shape[-1] if self.top_ids.ndim else 0
+        if k < 1:
+            raise ValueError(f"Lens top_ids must have shape [R, W, k] with k >= 1, got {list(self.top_ids.shape)}")
+        shapes = {"ids": (T,), "tokens": (T,), "final_ids": (W,), "lock_in": (W,)}
+        shapes.update({n: (R, W, k) for n in ("top_ids", "top_logits", "top_probs", "top_tokens")})
+        for name in _ARRAY_FIELDS:
+            want = shapes.get(name, (R, W))
+            got = getattr(self, name).shape
+            if got != want:
+                dims = "[T]" if name in ("ids", "tokens") else "[W]" if len(want) == 1 else \
+                    "[R, W, k]" if len(want) == 3 else "[R, W]"
+                raise ValueError(f"Lens {name} has shape {list(got)}, but {R} rows, a window of {W} positions "
+                                 f"and k={k} (from top_ids) need {dims} = {list(want)}")
+        if not isinstance(self.settings, dict):
+            raise ValueError(f"Lens settings must be a dict, got {type(self.settings).__name__}")
+        set_("settings", _plain(self.settings, "settings"))
+
     # --- files ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """Plain Python (lists, numbers, strings; NaN as None) ready for ``json.dumps``."""
@@ -83,42 +133,122 @@ class Lens:
         return out
 
     def save(self, path: str | Path) -> Path:
-        """Save to ``.npz`` (compressed, no pickle) or ``.json``, chosen by the extension."""
+        """Save to ``.npz`` (compressed, no pickle) or ``.json``, chosen by the extension.
+
+        The file is written beside ``path`` and renamed over it when complete (``files.replacing``):
+        a failure leaves an earlier file at ``path`` as it was.
+        """
         path = Path(path)
-        if path.suffix.lower() == ".json":
-            path.write_text(json.dumps(self.to_dict()))
-            return path
-        if path.suffix.lower() != ".npz":
+        suffix = path.suffix.lower()
+        if suffix not in (".npz", ".json"):
             raise ValueError(f"cannot save a lens as {path.suffix or 'a file without extension'}: use .npz or .json")
-        arrays = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), np.ndarray)}
-        meta = {"rows": list(self.rows), "start": self.start, "end": self.end, "settings": self.settings}
-        with open(path, "wb") as f:  # a file object: NumPy would append ".npz" to a path ending ".NPZ"
-            np.savez_compressed(f, __meta__=np.array(json.dumps(meta)), **arrays)
+        with replacing(path) as tmp:
+            if suffix == ".json":
+                tmp.write_text(json.dumps(self.to_dict()), encoding="utf-8")
+            else:
+                arrays = {name: getattr(self, name) for name in _ARRAY_FIELDS}
+                meta = {"rows": list(self.rows), "start": self.start, "end": self.end, "settings": self.settings}
+                with open(tmp, "wb") as f:  # a file object: NumPy would append ".npz" to a path ending ".NPZ"
+                    np.savez_compressed(f, __meta__=np.array(json.dumps(meta)), **arrays)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Lens":
-        """Load a lens saved with ``save`` (``.npz`` or ``.json``)."""
+        """Load a lens saved with ``save`` (``.npz`` or ``.json``).
+
+        Every field must be there with the shape its rows and window imply and the documented dtype
+        kind; otherwise a ValueError names the file and the field.
+        """
         path = Path(path)
-        if path.suffix.lower() == ".json":
-            raw = json.loads(path.read_text())
-            kinds = {f.name: f for f in fields(cls)}
-            args = {}
-            for name, v in raw.items():
-                if name not in kinds:
-                    continue
-                if name in ("rows",):
-                    args[name] = tuple(v)
-                elif name in ("start", "end", "settings"):
-                    args[name] = v
-                else:
-                    args[name] = _from_json_list(name, v)
-            return cls(**args)
-        with np.load(path, allow_pickle=False) as z:
+        try:
+            raw = _read_json(path) if path.suffix.lower() == ".json" else _read_npz(path)
+            return cls(**raw)
+        except ValueError as e:
+            raise ValueError(f"cannot read {path} as a saved lens: {e}") from None
+
+
+def _read_json(path: Path) -> dict:
+    """The fields of a ``.json`` lens, arrays converted to their documented dtypes."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"the file holds a JSON {type(raw).__name__}, not an object of lens fields")
+    args = {}
+    for f in fields(Lens):
+        if f.name not in raw:
+            raise ValueError(f"field {f.name} is missing")
+        v = raw[f.name]
+        if f.name in _ARRAY_FIELDS:
+            try:
+                v = _from_json_list(f.name, v)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"field {f.name} is not a regular array of "
+                                 f"{'integers' if f.name in _INT_FIELDS else 'strings' if f.name in _STR_FIELDS else 'numbers'}"
+                                 f" ({_one_line(e)})") from None
+        args[f.name] = v
+    return args
+
+
+def _read_npz(path: Path) -> dict:
+    """The fields of a ``.npz`` lens: its arrays and the JSON string ``__meta__`` (rows, window, settings)."""
+    damaged = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)  # what np.load raises on bad bytes
+    try:
+        z = np.load(path, allow_pickle=False)
+    except OSError:
+        if not path.is_file():
+            raise
+        raise ValueError("not a .npz file (a zip of NumPy arrays)") from None
+    except damaged as e:
+        raise ValueError(f"not a .npz file ({_one_line(e)})") from None
+    with z:
+        if "__meta__" not in z.files:
+            raise ValueError("its __meta__ entry (rows, window and settings) is missing")
+        try:
             meta = json.loads(str(z["__meta__"]))
-            arrays = {k: z[k] for k in z.files if k != "__meta__"}
-        return cls(rows=tuple(meta["rows"]), start=meta["start"], end=meta["end"], settings=meta["settings"],
-                   **arrays)
+        except damaged as e:
+            raise ValueError(f"its __meta__ entry is not a JSON string ({_one_line(e)})") from None
+        if not isinstance(meta, dict):
+            raise ValueError("its __meta__ entry is not a JSON object")
+        args = {}
+        for f in fields(Lens):
+            if f.name not in (z.files if f.name in _ARRAY_FIELDS else meta):
+                raise ValueError(f"field {f.name} is missing")
+            if f.name not in _ARRAY_FIELDS:
+                args[f.name] = meta[f.name]
+                continue
+            try:
+                args[f.name] = z[f.name]
+            except damaged as e:
+                raise ValueError(f"field {f.name} cannot be read ({_one_line(e)})") from None
+        return args
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _plain(v, where: str):
+    """``v`` as plain Python (NumPy scalars to int, float, bool, str; tuples to lists), or a TypeError."""
+    if v is None or type(v) in (bool, int, float, str):
+        return v
+    if isinstance(v, np.generic) and v.dtype.kind in "biufU":  # np.int64, np.float32, np.bool_, np.str_
+        return v.item()
+    for kind in (bool, int, float, str):  # other subclasses (an IntEnum, a str subclass)
+        if isinstance(v, kind):
+            return kind(v)
+    if isinstance(v, (list, tuple)):
+        return [_plain(x, f"{where}[{i}]") for i, x in enumerate(v)]
+    if isinstance(v, dict):
+        for key in v:
+            if not isinstance(key, str):
+                raise TypeError(f"Lens {where} has the key {key!r}: keys must be strings (they are saved as JSON)")
+        return {key: _plain(x, f"{where}[{key!r}]") for key, x in v.items()}
+    raise TypeError(f"Lens {where} = {v!r:.60} ({type(v).__name__}) is not a plain value (number, string, bool, "
+                    "None, list or dict), so it could not be saved")
 
 
 def next_ids(ids: np.ndarray, start: int, end: int) -> np.ndarray:
@@ -131,14 +261,25 @@ def next_ids(ids: np.ndarray, start: int, end: int) -> np.ndarray:
 
 _INT_FIELDS = {"ids", "top_ids", "final_ids", "final_rank", "input_rank", "next_rank", "lock_in"}
 _STR_FIELDS = {"tokens", "top_tokens"}
+_ARRAY_FIELDS = ("ids", "tokens", "top_ids", "top_logits", "top_probs", "top_tokens", "final_ids", "final_rank",
+                 "kl_final", "kl_input", "input_rank", "entropy", "next_rank", "next_prob", "next_xent", "lock_in")
 
 
 def _from_json_list(name: str, v) -> np.ndarray:
+    """A field's JSON list as its array: integers as int64, strings as str, numbers (null = NaN) as float;
+    a value of another kind is an error, never converted (1.5 is not read as the id 1)."""
     if name in _INT_FIELDS:
-        return np.asarray(v, np.int64)
+        a = np.asarray(v)
+        if a.dtype.kind not in "iu":
+            raise ValueError(f"dtype {a.dtype}")
+        return a.astype(np.int64)
     if name in _STR_FIELDS:
-        return np.asarray(v, dtype=str)
+        a = np.asarray(v)
+        if a.dtype.kind != "U":
+            raise ValueError(f"dtype {a.dtype}")
+        return a
     a = np.asarray(v, dtype=object)
+    if not all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in a.reshape(-1)):
+        raise ValueError("values other than numbers and null")
     a = np.where(a == None, np.nan, a)  # noqa: E711  (JSON null -> NaN)
     return a.astype(np.float32 if name == "top_logits" else np.float64)
-

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from gpt2np.config import SIZES, Config  # noqa: E402
+from gpt2np.files import replacing, write_text  # noqa: E402
 from bench_lens import _reset_peak, _status_kib, run_json  # noqa: E402  (scripts/ is on the path)
 
 OUT = ROOT / "bench-out"
@@ -154,8 +155,10 @@ def write_random_checkpoint(folder: Path, config: Config, seed: int = 0) -> Path
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
     rng = np.random.default_rng(seed)
-    tmp = folder / "model.safetensors.partial"
-    with open(tmp, "wb") as f:
+    write_text(folder / "config.json", json.dumps(config.to_json(), indent=2) + "\n")
+    write_tokenizer(folder, config.vocab_size)
+    # model.safetensors last, renamed into place once complete: a folder holding it is complete
+    with replacing(folder / "model.safetensors") as tmp, open(tmp, "wb") as f:
         f.write(len(head).to_bytes(8, "little") + head)
         for name in sorted(shapes):
             if name.endswith(".attn.bias"):
@@ -169,9 +172,6 @@ def write_random_checkpoint(folder: Path, config: Config, seed: int = 0) -> Path
                 t += np.float32(mean)
             f.write(memoryview(np.ascontiguousarray(t)).cast("B"))
             del t
-    (folder / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
-    write_tokenizer(folder, config.vocab_size)
-    tmp.replace(folder / "model.safetensors")  # last: a folder with model.safetensors is complete
     return folder
 
 
@@ -588,7 +588,7 @@ def main(argv=None) -> None:
     print(report(results))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_text(a.json, json.dumps(results, indent=2) + "\n")
         print(f"wrote {a.json}")
 
 

@@ -30,6 +30,7 @@ from make_checkpoint import REAL_TOKENIZER, write_checkpoint  # noqa: E402
 
 import gpt2np  # noqa: E402
 from gpt2np.config import SIZES  # noqa: E402
+from gpt2np.files import write_text  # noqa: E402
 
 PROMPT_LEN = 16
 
@@ -126,7 +127,7 @@ def main(argv=None) -> None:
         if a.path is None:
             r["checkpoint"] = f"random {a.shape}-shaped checkpoint (make_checkpoint.py, seed 0, temporary)"
     print(table(r))
-    a.out.write_text(json.dumps(r, indent=2) + "\n")
+    write_text(a.out, json.dumps(r, indent=2) + "\n")
     print(f"wrote {a.out}")
 
 

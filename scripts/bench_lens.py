@@ -196,7 +196,10 @@ def main(argv=None) -> None:
         print(f"torch lens: {t['seconds']:.2f} s, extra memory {t['extra_bytes'] / 2**20:.0f} MiB -> gpt2np is "
               f"{g['speedup_vs_torch']:.2f}x faster with {g['memory_fraction_of_torch']:.1%} of its memory")
     if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2))
+        sys.path.insert(0, str(ROOT))
+        from gpt2np.files import write_text  # a failed write leaves an older report whole
+
+        write_text(a.json, json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -30,6 +29,7 @@ import numpy as np  # noqa: E402
 import gpt2np  # noqa: E402
 from gpt2np import backend  # noqa: E402
 from gpt2np.config import SIZES, Config  # noqa: E402
+from gpt2np.files import write_text  # noqa: E402
 from make_checkpoint import write_checkpoint  # noqa: E402
 
 TINY = Config(n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab_size=512)
@@ -120,9 +120,7 @@ def main(argv=None) -> int:
             report[key]["fraction_of_matmul"] = report[key]["tflops"] / report["matmul"]["tflops"]
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_name(args.out.name + ".partial")  # written beside, then renamed: an older
-    partial.write_text(json.dumps(report, indent=2))  # report stays whole if this fails
-    os.replace(partial, args.out)
+    write_text(args.out, json.dumps(report, indent=2))  # written beside, then renamed: an older report stays whole
     c = report["card"]
     print(f"{c['name']}: {args.shape}, T = {T}: forward {report['forward']['seconds']:.3f} s; "
           f"lens {report['lens']['seconds']:.3f} s ({report['lens']['tflops']:.1f} TFLOP/s, "

@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from gpt2np.config import SIZES, Config  # noqa: E402
+from gpt2np.files import replacing, write_text  # noqa: E402  (a failed write never destroys an older file)
 from gpt2np.tokenizer import EOT, byte_to_unicode  # noqa: E402
 
 REAL_TOKENIZER = ROOT.parent / "shared" / "data" / "gpt2-tokenizer"
@@ -86,11 +87,12 @@ def write_tokenizer(folder: Path, vocab_size: int, tokenizer_dir: Path | None = 
         tokenizer_dir = REAL_TOKENIZER
     if tokenizer_dir is not None:
         for f in ("vocab.json", "merges.txt"):
-            shutil.copyfile(Path(tokenizer_dir) / f, folder / f)
+            with replacing(folder / f) as tmp:
+                shutil.copyfile(Path(tokenizer_dir) / f, tmp)
         return
     vocab, merges = bpe_files(vocab_size)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
 def write_checkpoint(folder: str | Path, config: Config, *, layout: str = "official", seed: int = 0,
@@ -122,9 +124,10 @@ def write_checkpoint(folder: str | Path, config: Config, *, layout: str = "offic
                                          * np.float32(0.02))
             cfg["tie_word_embeddings"] = False
         del cfg["n_ctx"]
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with replacing(folder / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     del tensors
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_text(folder / "config.json", json.dumps(cfg, indent=2) + "\n")
     write_tokenizer(folder, config.vocab_size, tokenizer_dir and Path(tokenizer_dir))
     return folder
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -480,3 +481,170 @@ def test_generate_prints_ids_without_text_as_their_number(ckpt, make_checkpoint)
     out = io.StringIO()
     assert cli._write_stream(m, iter([72, 420, 447]), out) == [72, 420, 447]
     assert out.getvalue() == m.decode([72]) + "<id 420><id 447>"
+
+
+# Bad input: refused before any work, never a crash, never lost data
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Record (and stop) any model load, forward pass or generation: ``started`` must stay empty."""
+    started = []
+
+    def stop(what):
+        def f(*a, **k):
+            started.append(what)
+            raise RuntimeError(f"{what} started")
+        return f
+
+    monkeypatch.setattr(gpt2np.api, "load", stop("load"))
+    monkeypatch.setattr(cli, "_token_stream", stop("generation"))
+    monkeypatch.setattr(gpt2np.api.Model, "forward", stop("forward"))
+    return started
+
+
+@pytest.fixture
+def lens_file(model, tmp_path):
+    return gpt2np.logit_lens(model, model.forward([1, 2, 3])).save(tmp_path / "l.npz")
+
+
+def _refused_early(ckpt, tmp_path, lens_file):
+    m = ("--model", ckpt)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    (tmp_path / "d.png").mkdir()
+    missing = tmp_path / "no" / "dir"
+    ok = tmp_path / "ok.png"
+    return [
+        (("lens", TEXT, "--out", missing / "x.png", *m), f"cannot write --out {missing / 'x.png'}: the folder "
+                                                         f"{missing} does not exist"),
+        (("lens", TEXT, "--out", str(missing / "{view}.png"), "--view", "kl", *m), "cannot write --out"),
+        (("lens", TEXT, "--save", missing / "x.npz", *m), "cannot write --save"),
+        (("lens", TEXT, "--out", a_file / "x.png", *m), f"{a_file} is not a folder"),
+        (("lens", TEXT, "--out", tmp_path / "d.png", *m), "it is a folder; give a file name"),
+        (("generate", "hi", "--lens-out", missing / "g.npz", *m), "cannot write --lens-out"),
+        (("lens", TEXT, "--out", ok, "--dpi", 100000, *m), "--dpi 100000 is too high: even the smallest figure"),
+        (("plot", lens_file, "--out", ok, "--dpi", 100000), "the limit of 150 megapixels; use --dpi"),
+        (("lens", TEXT, "--out", ok, "--vmin", 5, "--vmax", 1, *m), "--vmin 5 must be below --vmax 1"),
+        (("plot", lens_file, "--out", ok, "--vmin", 2, "--vmax", 2), "--vmin 2 must be below --vmax 2"),
+        (("lens", TEXT, "--out", ok, "--vmin", 50, "--view", "kl", *m), "--vmin 50 leaves no range for --view kl"),
+        (("lens", TEXT, "--out", ok, "--vmax", 0.5, "--view", "ranks", *m), "--vmax 0.5 leaves no range"),
+        (("lens", TEXT, "--out", ok, "--vmin", 0, "--view", "ranks", *m), "must be above 0 for --view ranks"),
+        (("plot", lens_file, "--vmin", "nan"), "argument --vmin: 'nan' is not a finite number"),
+        (("generate", "hi", "--seed", -1, *m), "argument --seed: -1 must be at least 0"),
+    ]
+
+
+def test_bad_output_options_are_refused_before_any_work(capsys, ckpt, tmp_path, lens_file, no_work):
+    cases = _refused_early(ckpt, tmp_path, lens_file)
+    for argv, message in cases:
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and err.startswith("gpt2np: error: ") and err.count("\n") == 1, (argv, err)
+        assert message in err, (argv, err)
+        assert out == "" and no_work == [], (argv, no_work)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.png", "l.npz", "notes.txt"]  # nothing written
+
+
+def test_an_unwritable_folder_is_refused_before_the_model_loads(capsys, ckpt, tmp_path, monkeypatch, no_work):
+    """A folder the user may not write into (simulated: this test may run as root, who writes anywhere)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    for argv in (("lens", TEXT, "--out", ro / "x.png"), ("lens", TEXT, "--save", ro / "x.json"),
+                 ("generate", "hi", "--lens-out", ro / "x.npz")):
+        code, out, err = run(capsys, *argv, "--model", ckpt)
+        assert code == 2 and f"the folder {ro} is not writable" in err and no_work == [], (argv, err)
+    (tmp_path / "old.npz").write_bytes(b"old")
+    monkeypatch.setattr(cli.os, "access", lambda p, mode: False if Path(p).name == "old.npz" else real(p, mode))
+    code, _, err = run(capsys, "lens", TEXT, "--save", tmp_path / "old.npz", "--model", ckpt)
+    assert code == 2 and "the file is read-only" in err and no_work == []
+
+
+def test_lens_out_options_are_checked_before_generation(capsys, ckpt, tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(cli, "_token_stream", lambda *a: started.append(1) or iter(()))
+    path = tmp_path / "g.npz"
+    for extra, message in [(("--decoder-blocks", 4), "--decoder-blocks 4 leaves no row to show"),
+                           (("--decoder-blocks", 3, "--no-input"), "--no-input drops the input row"),
+                           (("--max-new-tokens", 0), "--lens-out needs at least one new token")]:
+        code, out, err = run(capsys, "generate", "hi", "--model", ckpt, "--lens-out", path, *extra)
+        assert code == 2 and message in err and err.count("\n") == 1, (extra, err)
+        assert out == "" and started == [] and not path.exists(), extra
+
+
+def test_a_figure_too_large_is_refused_before_drawing(capsys, ckpt, tmp_path, monkeypatch):
+    """A dpi the smallest figure allows, but not this 32-position window: refused before drawing."""
+    from matplotlib.figure import Figure
+
+    monkeypatch.setattr(Figure, "savefig", lambda *a, **k: pytest.fail("the figure was drawn"))
+    out = tmp_path / "big.png"
+    code, stdout, err = run(capsys, "lens", TEXT, "--model", ckpt, "--out", out, "--dpi", 3000)
+    assert code == 2 and err.count("\n") == 1
+    assert f"--dpi 3000 is too high for {out}: a figure of " in err and "the limit of 150 megapixels" in err
+    best = int(err.rsplit("use --dpi ", 1)[1].split()[0])
+    assert best < 3000 and not out.exists()
+    monkeypatch.undo()
+    code, _, _ = run(capsys, "lens", TEXT, "--model", ckpt, "--out", out, "--dpi", min(best, 20))
+    assert code == 0 and out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_damaged_lens_file_is_one_line_and_no_half_table(capsys, ckpt, model, tmp_path):
+    good = gpt2np.logit_lens(model, model.forward(model.encode(TEXT)), start=2, end=9).save(tmp_path / "good.npz")
+    with np.load(good) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["top_tokens"] = arrays["top_tokens"][:2]  # two rows of four
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **arrays)
+    code, out, err = run(capsys, "plot", bad)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"cannot read {bad} as a saved lens: Lens top_tokens has shape [2, 7, 5]" in err
+    assert "internal error" not in err
+
+
+def test_non_utf8_standard_input_is_refused(capsys, ckpt, monkeypatch):
+    """As with --file: bytes that are not UTF-8 are an error, never replaced by U+FFFD."""
+    def stdin(data: bytes):
+        return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="replace")
+
+    monkeypatch.setattr(sys, "stdin", stdin("café".encode("latin-1")))
+    code, out, err = run(capsys, "lens", "-", "--model", ckpt)
+    assert code == 2 and out == "" and "cannot read standard input: not UTF-8 text (unexpected end of data at byte 3)" in err
+    monkeypatch.setattr(sys, "stdin", stdin("café".encode("latin-1")))
+    code, out, err = run(capsys, "generate", "-", "--model", ckpt, "--max-new-tokens", 2)
+    assert code == 2 and out == "" and "not UTF-8" in err
+    monkeypatch.setattr(sys, "stdin", stdin((TEXT + "\n").encode("utf-8")))
+    code, piped, _ = run(capsys, "lens", "-", "--model", ckpt)
+    code2, direct, _ = run(capsys, "lens", TEXT, "--model", ckpt)
+    assert code == code2 == 0 and piped == direct
+
+
+def test_dollar_signs_in_the_text_draw_literally(capsys, make_checkpoint, real_tokenizer_dir, tmp_path):
+    """GPT-2's tokenizer makes ' $$' one token; the figure draws it as text (mathtext raised before)."""
+    ckpt = make_checkpoint(n_layer=2, n_embd=32, n_head=2, vocab_size=50257, tokenizer_dir=real_tokenizer_dir)
+    assert " $$" in gpt2np.load(ckpt).tokens(gpt2np.load(ckpt).encode("a $$ b"))
+    out = tmp_path / "x.png"
+    code, stdout, err = run(capsys, "lens", "a $$ b", "--model", ckpt, "--out", out, "--dpi", 40)
+    assert code == 0 and err == "" and out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_failed_checkpoint_write_leaves_the_older_checkpoint(tmp_path, monkeypatch):
+    """scripts/make_checkpoint.py writes each file beside and renames it: a failure midway (a full disk)
+    leaves the older checkpoint whole and loadable, and no temporary file behind."""
+    import make_checkpoint
+    from gpt2np.config import Config
+
+    config = Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=300)
+    folder = make_checkpoint.write_checkpoint(tmp_path / "ckpt", config, seed=0)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def half(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(make_checkpoint, "save_file", half)
+    with pytest.raises(OSError, match="No space left"):
+        make_checkpoint.write_checkpoint(folder, config, seed=1)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert gpt2np.load(folder).config == config

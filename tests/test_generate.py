@@ -371,3 +371,49 @@ def test_generate_benchmark_runs(untied):
     assert r["same_tokens"] and r["new_tokens"] == 4
     assert r["gpt2np"]["tokens_per_s"] > 0 and r["transformers"]["tokens_per_s"] > 0
     assert "tokens/s" in table(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments of the wrong type: a TypeError naming the argument, before anything runs
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(temperature=None), r"temperature=None must be a number >= 0 .*not NoneType"),
+    (dict(temperature="0.5"), r"temperature='0.5' must be a number >= 0 .*not str"),
+    (dict(temperature=True), r"temperature=True must be a number"),
+    (dict(top_k="5"), r"top_k='5' must be a whole number >= 1 or None .*not str"),
+    (dict(top_k=[5]), r"top_k=\[5\] must be a whole number"),
+    (dict(top_p="0.9"), r"top_p='0.9' must be a number in \(0, 1\] or None .*not str"),
+    (dict(max_new_tokens="3"), r"max_new_tokens='3' must be a whole number >= 0, not str"),
+    (dict(max_new_tokens=None), r"max_new_tokens=None must be a whole number"),
+    (dict(seed="0"), r"seed='0' must be a whole number >= 0 or None"),
+    (dict(seed=1.5), r"seed=1.5 must be a whole number >= 0 or None"),
+])
+def test_arguments_of_the_wrong_type_are_named(tied, kw, match):
+    from gpt2np.record import record
+
+    n = kw.pop("max_new_tokens", 3)
+    for make in (tied.stream, tied.generate, lambda *a, **k: record(tied, *a, **k)):
+        with pytest.raises(TypeError, match=match):
+            make(PROMPT, n, **kw)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(seed=-1), r"seed=-1 must be a whole number >= 0"),
+    (dict(seed=np.int64(-3)), r"seed=-3 must be a whole number >= 0"),
+    (dict(top_k=float("inf")), r"top_k=inf must be a whole number >= 1"),
+    (dict(max_new_tokens=float("nan")), r"max_new_tokens=nan must be a whole number >= 0"),
+])
+def test_out_of_range_values_are_named(tied, kw, match):
+    n = kw.pop("max_new_tokens", 3)
+    with pytest.raises(ValueError, match=match):
+        tied.stream(PROMPT, n, **kw)
+
+
+def test_numpy_numbers_and_generators_are_accepted(tied):
+    want = tied.generate(PROMPT, 4, temperature=0.8, top_k=5, top_p=0.9, seed=3)
+    got = tied.generate(PROMPT, np.int64(4), temperature=np.float32(0.8), top_k=np.int64(5), top_p=np.float64(0.9),
+                        seed=np.int64(3))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(tied.generate(PROMPT, 4, seed=np.random.SeedSequence(3)),
+                                  tied.generate(PROMPT, 4, seed=3))

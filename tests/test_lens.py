@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tracemalloc
 
 import numpy as np
@@ -452,3 +453,179 @@ def test_generation_lens_stops_at_eot_and_respects_the_context(tiny_model):
         generation_lens(tiny_model, ids, 5)
     new, lens = generation_lens(tiny_model, ids, 4, temperature=0)  # exactly fills the 64 positions
     assert len(lens.ids) == 64 and lens.end == 63
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: settings of NumPy scalars, saves that fail, damaged files
+
+
+PLAIN = (bool, int, float, str, type(None))
+
+
+def test_numpy_scalar_settings_are_stored_plain_and_saved(tiny_model, tmp_path):
+    """Every argument the lens and generation accept as a NumPy scalar gives a lens that saves."""
+    from gpt2np.record import generation_lens
+
+    ids = tiny_model.encode("when people say plasma")
+    tr = tiny_model.forward(ids)
+    lens = logit_lens(tiny_model, tr, k=np.int64(3), start=np.int64(2), step=np.int64(2))
+    plain = logit_lens(tiny_model, tr, k=3, start=2, step=2)
+    assert lens.settings == plain.settings and lens.top_ids.shape[-1] == 3
+    np.testing.assert_array_equal(lens.top_ids, plain.top_ids)
+    _, gen = generation_lens(tiny_model, ids, 3, seed=np.int64(0), top_k=np.int64(5), temperature=np.float32(0.8))
+    assert gen.settings["seed"] == 0 and gen.settings["top_k"] == 5
+    assert gen.settings["temperature"] == pytest.approx(0.8)
+    for made in (lens, gen):
+        assert all(type(v) in PLAIN for v in made.settings.values()), made.settings
+        assert type(made.start) is int and type(made.end) is int
+        for name in ("g.npz", "g.json"):
+            back = Lens.load(made.save(tmp_path / name))
+            assert back.settings == made.settings
+            np.testing.assert_array_equal(back.top_ids, made.top_ids)
+    odd = dataclasses.replace(lens, settings={"a": (np.int32(1), np.bool_(True)), "b": {"c": np.str_("x")}})
+    assert odd.settings == {"a": [1, True], "b": {"c": "x"}}
+    assert [type(v) for v in odd.settings["a"]] == [int, bool] and type(odd.settings["b"]["c"]) is str
+    with pytest.raises(TypeError, match=r"settings\['model'\].*not a plain value"):
+        dataclasses.replace(lens, settings={"model": object()})
+
+
+def _failing_write(monkeypatch, suffix):
+    """Make the next save write half a file, then fail as a full disk would."""
+    import pathlib
+
+    def fail(*_):
+        raise OSError(28, "No space left on device")
+
+    if suffix == ".npz":
+        def half(f, *args, **kwargs):
+            f.write(b"PK\x03\x04 half a zip")
+            fail()
+        monkeypatch.setattr(np, "savez_compressed", half)
+    else:
+        def half(self, data, *args, **kwargs):
+            with open(self, "w") as f:
+                f.write(data[:10])
+            fail()
+        monkeypatch.setattr(pathlib.Path, "write_text", half)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".json"])
+def test_a_failed_save_leaves_the_earlier_file_intact(tiny_model, tmp_path, monkeypatch, suffix):
+    tr = tiny_model.forward(tiny_model.encode("when people say plasma"))
+    path = logit_lens(tiny_model, tr, end=3).save(tmp_path / f"lens{suffix}")
+    before = path.read_bytes()
+    _failing_write(monkeypatch, suffix)
+    with pytest.raises(OSError, match="No space left"):
+        logit_lens(tiny_model, tr, start=2).save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    monkeypatch.undo()
+    np.testing.assert_array_equal(Lens.load(path).top_ids, logit_lens(tiny_model, tr, end=3).top_ids)
+
+
+def test_a_save_over_a_file_keeps_its_permissions_and_replaces_it_whole(tiny_model, tmp_path):
+    import stat
+
+    tr = tiny_model.forward(tiny_model.encode("when people say plasma"))
+    path = tmp_path / "lens.npz"
+    path.write_bytes(b"old")
+    path.chmod(0o640)
+    logit_lens(tiny_model, tr).save(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert Lens.load(path).end == len(tr.ids)
+
+
+def _edited_npz(path, out, **edits):
+    """Copy a saved .npz with entries replaced (an array), or removed (None)."""
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    for k, v in edits.items():
+        if v is None:
+            arrays.pop(k)
+        else:
+            arrays[k] = v
+    with open(out, "wb") as f:
+        np.savez(f, **arrays)
+    return out
+
+
+def test_load_names_the_damaged_field(tiny_model, tmp_path):
+    tr = tiny_model.forward(tiny_model.encode("when people say plasma"))
+    lens = logit_lens(tiny_model, tr, start=1, end=6)
+    good = lens.save(tmp_path / "good.npz")
+    meta = json.loads(str(np.load(good)["__meta__"]))
+    cases = {
+        "missing": (dict(top_ids=None), "field top_ids is missing"),
+        "short": (dict(final_rank=lens.final_rank[:-1]), r"final_rank has shape \[3, 5\].*need \[R, W\] = \[4, 5\]"),
+        "k": (dict(top_probs=lens.top_probs[..., :2]), r"top_probs has shape \[4, 5, 2\].*\[4, 5, 5\]"),
+        "window": (dict(lock_in=lens.lock_in[:3]), r"lock_in has shape \[3\].*\[W\] = \[5\]"),
+        "dtype": (dict(ids=lens.ids.astype(np.float64)), "ids must hold integers, got dtype float64"),
+        "strings": (dict(tokens=lens.ids), "tokens must hold strings"),
+        "meta": (dict(__meta__=None), "__meta__ entry .* is missing"),
+        "rows": (dict(__meta__=np.array(json.dumps({**meta, "rows": meta["rows"][:-1]}))), "has shape"),
+        "end": (dict(__meta__=np.array(json.dumps({**meta, "end": 99}))), "window start=1, end=99"),
+        "no-settings": (dict(__meta__=np.array(json.dumps({k: v for k, v in meta.items() if k != "settings"}))),
+                        "field settings is missing"),
+    }
+    for name, (edits, message) in cases.items():
+        path = _edited_npz(good, tmp_path / f"{name}.npz", **edits)
+        with pytest.raises(ValueError, match=f"cannot read {re.escape(str(path))} as a saved lens: .*{message}"):
+            Lens.load(path)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(good.read_bytes()[:200])  # cut short
+    with pytest.raises(ValueError, match="as a saved lens"):
+        Lens.load(junk)
+
+    d = lens.to_dict()
+    for name, edit, message in [
+        ("missing", lambda d: d.pop("entropy"), "field entropy is missing"),
+        ("float-ids", lambda d: d["top_ids"][0][0].__setitem__(0, 1.5), "top_ids is not a regular array of integers"),
+        ("ragged", lambda d: d["kl_final"][0].pop(), "kl_final"),
+        ("text", lambda d: d["kl_input"][0].__setitem__(0, "x"), "kl_input is not a regular array of numbers"),
+        ("list", lambda d: d.clear(), "field rows is missing"),
+    ]:
+        dd = json.loads(json.dumps(d))
+        edit(dd)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(dd))
+        with pytest.raises(ValueError, match=f"as a saved lens: .*{message}"):
+            Lens.load(path)
+    (tmp_path / "array.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON list, not an object"):
+        Lens.load(tmp_path / "array.json")
+
+
+def test_a_lens_checks_its_fields_when_made(tiny_model):
+    lens = logit_lens(tiny_model, tiny_model.forward(tiny_model.encode("when people say plasma")))
+    R, W = lens.final_rank.shape
+    with pytest.raises(ValueError, match=rf"entropy has shape \[{R}, {W - 1}\]"):
+        dataclasses.replace(lens, entropy=lens.entropy[:, 1:])
+    with pytest.raises(ValueError, match="top_logits must hold floats"):
+        dataclasses.replace(lens, top_logits=lens.top_ids)
+    with pytest.raises(ValueError, match="rows must be a non-empty sequence"):
+        dataclasses.replace(lens, rows="input")
+    with pytest.raises(ValueError, match="next_prob must be a NumPy array"):
+        dataclasses.replace(lens, next_prob=lens.next_prob.tolist())
+    with pytest.raises(ValueError, match="start must be an integer"):
+        dataclasses.replace(lens, start=0.0)
+
+
+@pytest.mark.parametrize("impl", ["definition", "public"])
+def test_a_trace_from_another_model_is_refused(make_checkpoint, tiny_model, impl):
+    lens_of = definition.logit_lens if impl == "definition" else logit_lens
+    ids = [1, 2, 3, 4, 5]
+    for fields_ in (dict(n_embd=36), dict(n_layer=2)):  # another width, another depth
+        other = gpt2np.load(make_checkpoint(**fields_))
+        with pytest.raises(ValueError, match=r"the trace comes from another model: its streams have shape .*"
+                                             r"make the trace with this model's forward"):
+            lens_of(tiny_model, other.forward(ids))
+    bigger = gpt2np.load(make_checkpoint(vocab_size=500))  # the same width and depth, a larger vocabulary
+    with pytest.raises(ValueError, match=r"another model: its token id 450 at position 1 is outside this model's "
+                                         r"vocabulary \[0, 400\)"):
+        lens_of(tiny_model, bigger.forward([7, 450, 3]))
+    full, short = tiny_model.forward(ids, sublayers=True), tiny_model.forward(ids[:3], sublayers=True)
+    with pytest.raises(ValueError, match=r"resid_mid has shape \[3, 3, 48\], but its streams \[4, 5, 48\] need "
+                                         r"\[3, 5, 48\]"):
+        lens_of(tiny_model, dataclasses.replace(full, resid_mid=short.resid_mid), sublayers=True)
+    with pytest.raises(ValueError, match=r"the trace's ids \(shape \[3\], dtype int64\) are not the 5 integer token ids"):
+        lens_of(tiny_model, dataclasses.replace(full, ids=short.ids))

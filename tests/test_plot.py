@@ -261,3 +261,93 @@ def test_no_pyplot_and_no_window():
     code = ("import sys, gpt2np.plot, gpt2np.cli; from gpt2np.lens import Lens; "
             "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# Bad input: token text that looks like mathtext, figures too large to draw, failed saves, limits
+
+
+MATHLIKE = ["$$", " $$", "$x^$", "$\\foo$ 50% _x_ ^{y}"]
+
+
+@pytest.mark.parametrize("token", MATHLIKE)
+def test_token_text_is_drawn_literally(tiny_model, ids, token):
+    """Text containing $ (mathtext), \\ or ^ is drawn as it is, everywhere: cells, both token axes,
+    row labels and titles, in one panel and in a grid, rendered with Agg."""
+    import io
+
+    lens = gpt2np.logit_lens(tiny_model, tiny_model.forward(ids[:5]))
+    top_tokens, tokens = lens.top_tokens.astype("U32"), lens.tokens.astype("U32")  # room for the token
+    top_tokens[0, 0, 0] = token
+    tokens[0] = tokens[1] = token  # the first input token and the first next token
+    odd = dataclasses.replace(lens, top_tokens=top_tokens, tokens=tokens, rows=(token, *lens.rows[1:]),
+                              settings={**lens.settings, "model": token})
+    for fig in (P.plot_lens(odd, "kl"), P.plot_lens(odd, "ranks", title=token),
+                P.plot_views(odd, ["kl", "logits"], title=token)):
+        fig.savefig(io.BytesIO(), format="png", dpi=40)  # raised mathtext's ParseException before
+        ax = heatmaps(fig)[0]
+        drawn = [ax.texts[0], ax.get_xticklabels()[0], top_axis(ax).get_xticklabels()[0], ax.get_yticklabels()[0],
+                 ax.title if ax.get_title() else ax._left_title]
+        assert [t.get_text() for t in drawn[:4]] == [shown(token, P.CELL_CHARS), shown(token, P.TICK_CHARS),
+                                                     shown(token, P.TICK_CHARS), token]
+        assert token in drawn[4].get_text() or token in fig.get_suptitle()
+        if fig._suptitle is not None:
+            drawn.append(fig._suptitle)
+        for t in drawn:
+            assert t.get_parse_math() is False and t.get_usetex() is False, t.get_text()
+
+
+def test_a_figure_too_large_is_refused_before_drawing(window_lens, tmp_path, monkeypatch):
+    fig = P.plot_lens(window_lens, "kl")
+    size = tuple(fig.get_size_inches())
+    monkeypatch.setattr(Figure, "savefig", lambda *a, **k: pytest.fail("the figure was drawn"))
+    path = tmp_path / "big.png"
+    with pytest.raises(ValueError, match=r"megapixels\); the limit is 150 megapixels .* use dpi <= \d+"):
+        P.save_figure(fig, path, dpi=100000)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+    assert P.MAX_MEGAPIXELS == 150
+    best = P.max_dpi(size)
+    P.check_pixels(size, best)  # the largest allowed dpi passes, one more does not
+    assert size[0] * size[1] * best**2 <= 150e6 < size[0] * size[1] * (best + 1) ** 2
+    with pytest.raises(ValueError, match="the limit is 150 megapixels"):
+        P.check_pixels(size, best + 1)
+    with pytest.raises(ValueError, match="pixels a side"):
+        P.check_pixels((2000.0, 1.0), 40)  # 80000 x 40 pixels: few megapixels, too wide for Agg
+    for bad in (0, -1, float("nan"), "100"):
+        with pytest.raises(ValueError, match="dpi=.* must be a positive number"):
+            P.check_pixels(size, bad)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".svg", ".pdf"])
+def test_save_figure_writes_and_never_destroys_an_earlier_file(window_lens, tmp_path, monkeypatch, suffix):
+    fig = P.plot_lens(window_lens, "kl")
+    path = P.save_figure(fig, tmp_path / f"f{suffix}", dpi=50)
+    magic = {".png": PNG_MAGIC, ".svg": b"<?xml", ".pdf": b"%PDF-"}[suffix]
+    before = path.read_bytes()
+    assert before.startswith(magic)
+
+    def fail_midway(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(magic + b" half a figure")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", fail_midway)
+    with pytest.raises(OSError, match="No space left"):
+        P.save_figure(fig, path, dpi=50)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+    with pytest.raises(ValueError, match="use .png, .svg, .pdf"):
+        P.save_figure(fig, tmp_path / "f.jpg")
+
+
+def test_colour_limits_given_are_never_changed(lens):
+    with pytest.raises(ValueError, match="vmin=50 must be below vmax=30 .*vmax the kl view's default"):
+        P.limits(lens, "kl", vmin=50)
+    with pytest.raises(ValueError, match="vmin=3 must be below vmax=1 .*both given"):
+        P.plot_lens(lens, "probs", vmin=3, vmax=1)
+    with pytest.raises(ValueError, match="vmin=2 must be below vmax=2"):
+        P.limits(lens, "entropy", vmin=2, vmax=2)
+    with pytest.raises(ValueError, match="vmin=0 must be above 0: the ranks view has a log scale"):
+        P.plot_lens(lens, "ranks", vmin=0)
+    with pytest.raises(ValueError, match="vmax=nan must be a finite number"):
+        P.limits(lens, "kl", vmax=float("nan"))
+    assert P.limits(lens, "kl", vmin=5) == (5.0, 30.0)  # a limit that fits is used as given
