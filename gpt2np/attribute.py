@@ -34,6 +34,7 @@ import numpy as np
 
 from .backend import namespace, to_numpy
 from .decoder import INPUT, Row
+from .files import write_text
 
 
 class Decomposition(NamedTuple):
@@ -169,9 +170,7 @@ class Attribution:
 
     def save(self, path: str | Path) -> None:
         """Write the attribution as JSON (plain numbers; read back with ``Attribution.load``)."""
-        from .files import replacing
-        with replacing(path) as tmp:
-            Path(tmp).write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
+        write_text(path, json.dumps(self.to_json(), indent=1))  # beside, then renamed: never a half file
 
     @classmethod
     def load(cls, path: str | Path) -> "Attribution":
@@ -200,12 +199,12 @@ def token_id(model, token, what: str = "target") -> int:
     return ids[0]
 
 
-def check_position(position, T: int) -> int:
+def check_position(position, T: int, what: str = "position") -> int:
     """An absolute position in ``[0, T)`` from ``position`` (negative counts from the end)."""
     if isinstance(position, bool) or not isinstance(position, (int, np.integer)):
-        raise TypeError(f"position must be a whole number, got {position!r}")
+        raise TypeError(f"{what} must be a whole number, got {position!r}")
     if not -T <= position < T:
-        raise ValueError(f"position={int(position)} is outside the text's {T} tokens: use 0 ... {T - 1} "
+        raise ValueError(f"{what}={int(position)} is outside the text's {T} tokens: use 0 ... {T - 1} "
                          f"or -1 ... -{T}")
     return int(position) % T
 

@@ -2,6 +2,7 @@
 
     gpt2np lens "We train GPT-3, an autoregressive language model" --view kl --out kl.png
     gpt2np plot lens.npz --view ranks --out ranks.svg
+    gpt2np attribute "The Eiffel Tower is in the city of" --target " Paris" --heads --out attr.png
     gpt2np generate "The logit lens" --max-new-tokens 30 --seed 0
     gpt2np score "The logit lens reads the residual stream." --json
     gpt2np download gpt2 gpt2-xl
@@ -172,6 +173,11 @@ def _at_least(low: int):
 
 
 _positive, _nonnegative = _at_least(1), _at_least(0)
+
+
+def _token_arg(text: str):
+    """A token given on the command line: a whole number is an id, anything else is text."""
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 # -------------------------------------------------------------------------------------------------
@@ -369,6 +375,63 @@ def cmd_lens(args) -> int:
             raise UserError(f"cannot write {args.save}: {e.strerror or e}") from None
         print(f"wrote {args.save}")
     return _show(lens, args)
+
+
+def attribution_table(a, top: int | None = None, lens: bool = False) -> str:
+    """The shares, largest magnitude first (the first ``top``), and optionally the lens frame."""
+    import numpy as np
+
+    from .plot_attribute import describe
+
+    rows = a.table()
+    shown = rows if top is None else rows[:top]
+    w = max(len("component"), *(len(k) for k, _ in shown))
+    lines = [describe(a), f"(ln_f's scale held at the row's own, {a.scale:.4g}; ln_f.bias is a component)", "",
+             f"rank  {'component':<{w}}  share"]
+    lines += [f"{i:>4}  {k:<{w}}  {v:+.4f}" for i, (k, v) in enumerate(shown, 1)]
+    if len(rows) > len(shown):
+        lines.append(f"      ... {len(rows) - len(shown)} more (--top {len(rows)} shows all)")
+    if lens:
+        w = max(len("row"), *(len(r) for r in a.rows))
+        lines += ["", f"{'row':<{w}}  lens logit  change"]
+        change = np.concatenate(([np.nan], a.lens_change))
+        lines += [f"{r:<{w}}  {z:+10.4f}  " + ("" if np.isnan(c) else f"{c:+.4f}")
+                  for r, z, c in zip(a.rows, a.lens_logit, change)]
+    return "\n".join(lines)
+
+
+def cmd_attribute(args) -> int:
+    from .attribute import attribute, check_position, find_row, token_id
+    from .plot import check_pixels, save_figure
+    from .plot_attribute import figure_size, plot_attribution
+
+    _check_suffix(args.out, FIGURE_TYPES, "--out")
+    _check_suffix(args.save, (".json",), "--save")
+    _check_writable(args.out, "--out")
+    _check_writable(args.save, "--save")
+    text = _read_text(args)
+    model = _load(args)
+    ids = _encode(model, text)
+    c = model.config
+    target = token_id(model, args.target, "--target")
+    versus = None if args.versus is None else token_id(model, args.versus, "--versus")
+    position = check_position(args.position, len(ids), "--position")
+    row = find_row(c.n_layer, args.row)
+    if args.out:  # the figure's size is known from the model: refuse a dpi too high before any work
+        blocks = row.index if row.source == "resid" else row.index + 1
+        n_bars = 3 + 2 * blocks - (row.source == "resid_mid")  # embeddings, attn (or its bias), mlp, ln_f.bias
+        check_pixels(figure_size(n_bars, (blocks, c.n_head) if args.heads and blocks else None), args.dpi)
+    trace = model.forward(ids, sublayers=True, heads=args.heads)
+    a = attribute(model, trace, target, versus=versus, position=position, heads=args.heads, row=args.row)
+    if args.save:
+        a.save(args.save)
+        print(f"wrote {args.save}")
+    if args.out:
+        save_figure(plot_attribution(a), args.out, dpi=args.dpi)
+        print(f"wrote {args.out}")
+    if not args.out and not args.save:
+        print(attribution_table(a, args.top, args.lens))
+    return 0
 
 
 def cmd_plot(args) -> int:
@@ -586,6 +649,16 @@ the model still reads the whole text. Text longer than the context is an error, 
   gpt2np download gpt2
   gpt2np download gpt2 gpt2-xl --weights-dir /data/gpt2
   gpt2np download all""",
+    "attribute": """examples:
+  gpt2np attribute "The Eiffel Tower is in the city of" --target " Paris"
+  gpt2np attribute "When John and Mary went to the shops, John gave the bag to" \\
+      --target " Mary" --versus " John" --heads --out ioi.png
+  gpt2np attribute "The logit lens" --target " is" --position 1 --lens --save attr.json
+
+Each component's direct share of the target's logit at --position (default the last), or of the
+logit difference target - versus: the embeddings, each block's attention (or each head, --heads) and
+MLP, and ln_f's bias. ln_f's scale is held at the value the model applied; the shares then sum to the
+model's own logit exactly. --lens adds the target's logit under the logit lens at every row.""",
     "info": """examples:
   gpt2np info gpt2-xl
   gpt2np info ./my-checkpoint""",
@@ -668,6 +741,22 @@ def build_parser() -> Parser:
     text_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    p = command("attribute", cmd_attribute, "which component wrote a prediction: each one's direct share of a "
+                "logit", [model])
+    text_args(p)
+    p.add_argument("--target", required=True, help="the token whose logit is attributed: text that is one token "
+                   "(e.g. ' Paris', with its space) or a whole number, read as a token id", type=_token_arg)
+    p.add_argument("--versus", type=_token_arg, help="attribute the logit difference target - versus")
+    p.add_argument("--position", type=int, default=-1, help="the position whose prediction is attributed (default "
+                   "-1, the last; negative counts from the end)")
+    p.add_argument("--heads", action="store_true", help="each attention head (l.h0 ...) and attention bias apart")
+    p.add_argument("--row", help="attribute the lens's logit at this row (input, l, l.attn; default the final)")
+    p.add_argument("--top", type=_positive, default=20, help="rows of the table (default 20)")
+    p.add_argument("--lens", action="store_true", help="also print the target's lens logit at every row")
+    p.add_argument("--out", metavar="FILE", help="draw the shares (.png, .svg or .pdf)")
+    p.add_argument("--dpi", type=_positive, default=150, help="resolution of PNG figures (default 150)")
+    p.add_argument("--save", metavar="FILE", help="save the attribution as .json")
+
     p = command("download", cmd_download, "download official checkpoints (four files each), with progress bars",
                 [])
     p.add_argument("names", nargs="+", metavar="NAME", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or all")
@@ -696,7 +785,7 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     if args.command is None:
-        print(f"{PROG}: error: choose a command: lens, plot, generate, score, download, info "
+        print(f"{PROG}: error: choose a command: lens, plot, attribute, generate, score, download, info "
               f"(see `{PROG} --help`)", file=sys.stderr)
         return 2
     try:

@@ -4,7 +4,8 @@ Without heads: one horizontal bar per component in depth order (``embed`` at the
 at the bottom), the shares' sum and the model's logit in the title. With heads: a ``block x head``
 grid of the heads' shares beside the bars of everything else (embeddings, attention biases, MLPs,
 ``ln_f.bias``). One diverging colour map (``PuOr``, readable with colour-vision deficiencies),
-symmetric about 0: orange raises the target's logit (or the difference), purple lowers it.
+symmetric about 0: purple raises the target's logit (or the difference), orange lowers it. The grid
+has its own scale (the heads' largest share), stated on its colour bar.
 
 Token text is drawn literally (never as mathtext), and only the object-oriented API is used.
 """
@@ -26,6 +27,14 @@ def describe(a) -> str:
             f"shares sum to {a.total:.4g}, the model's value is {a.logit:.4g}")
 
 
+def figure_size(n_bars: int, grid: tuple[int, int] | None = None) -> tuple[float, float]:
+    """Inches for ``n_bars`` bars and, with heads, a ``grid = (blocks, heads)`` panel beside them."""
+    bars = 0.8 + 0.22 * n_bars
+    if grid is None:
+        return 6.5, bars + 1.0
+    return 4.5 + 0.45 * grid[1], max(bars, 1.2 + 0.35 * grid[0]) + 1.0
+
+
 def plot_attribution(a, *, title: str | None = None) -> Figure:
     """Draw an ``Attribution``: bars in depth order, and the heads as a grid when it has per-head shares.
 
@@ -36,14 +45,12 @@ def plot_attribution(a, *, title: str | None = None) -> Figure:
     lim = float(np.max(np.abs(a.shares))) or 1.0
     norm = Normalize(-lim, lim)
     cmap = colormaps[CMAP]
-    bar_h = 0.8 + 0.22 * len(rest)
     if heads:
         grid = a.head_grid()  # [blocks, H]
-        fig = Figure(figsize=(4.5 + 0.45 * grid.shape[1], max(bar_h, 1.2 + 0.35 * grid.shape[0]) + 1.0),
-                     layout="constrained")
+        fig = Figure(figsize=figure_size(len(rest), grid.shape), layout="constrained")
         bars_ax, grid_ax = fig.subplots(1, 2, width_ratios=[1.0, max(1.0, 0.12 * grid.shape[1])])
     else:
-        fig = Figure(figsize=(6.5, bar_h + 1.0), layout="constrained")
+        fig = Figure(figsize=figure_size(len(rest)), layout="constrained")
         bars_ax, grid_ax = fig.add_subplot(), None
 
     y = np.arange(len(rest))
@@ -59,7 +66,8 @@ def plot_attribution(a, *, title: str | None = None) -> Figure:
 
     if grid_ax is not None:
         blocks = sorted({int(a.labels[i].split(".")[0]) for i in heads})
-        im = grid_ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+        g = float(np.max(np.abs(grid))) or 1.0
+        im = grid_ax.imshow(grid, cmap=cmap, norm=Normalize(-g, g), aspect="auto", interpolation="nearest")
         grid_ax.set_xticks(range(grid.shape[1]), labels=[str(h) for h in range(grid.shape[1])], fontsize=FONT)
         grid_ax.set_yticks(range(len(blocks)), labels=[str(b) for b in blocks], fontsize=FONT)
         grid_ax.set_xlabel("head", fontsize=FONT)

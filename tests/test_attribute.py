@@ -8,12 +8,14 @@ arrays. The sums are held against the model's own logits (gpt2np's and transform
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import gpt2np
-from gpt2np.attribute import attribute, decompose, find_row
+from gpt2np import cli
+from gpt2np.attribute import Attribution, attribute, decompose, find_row
 from gpt2np.config import Config
 
 F32 = float(np.finfo(np.float32).eps)
@@ -190,3 +192,136 @@ def test_save_and_load_round_trip(tiny_model, tmp_path):
     assert b.labels == a.labels and np.array_equal(b.shares, a.shares) and b.versus == 4
     assert np.array_equal(b.lens_logit, a.lens_logit) and b.tokens == a.tokens
     assert b.head_grid().shape == (3, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The figure and the command line
+
+
+@pytest.fixture(scope="module")
+def words(make_checkpoint, real_tokenizer_dir):
+    """A random checkpoint with GPT-2's real tokenizer (names are one token each)."""
+    return make_checkpoint(n_layer=3, n_embd=32, n_head=2, vocab_size=50257, tokenizer_dir=real_tokenizer_dir,
+                           scale=3.0)
+
+
+IOI = "When John and Mary went to the shops, John gave the bag to"
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_figure_draws_every_component(tiny_model):
+    from gpt2np.plot_attribute import plot_attribution
+
+    tr = tiny_model.forward(np.arange(7), sublayers=True, heads=True)
+    for heads in (False, True):
+        a = attribute(tiny_model, tr, 3, versus=9, heads=heads)
+        fig = plot_attribution(a)
+        bars = next(ax for ax in fig.axes if ax.get_label() == "attribution:bars")
+        labels = [t.get_text() for t in bars.get_yticklabels()]
+        assert labels == [s for s in a.labels if ".h" not in s]
+        widths = [p.get_width() for p in bars.patches]
+        assert np.allclose(widths, [v for s, v in zip(a.labels, a.shares) if ".h" not in s])
+        grids = [ax for ax in fig.axes if ax.get_label() == "attribution:heads"]
+        assert len(grids) == heads
+        if heads:
+            assert np.array_equal(grids[0].images[0].get_array(), a.head_grid())
+        fig.canvas.draw()  # renders (Agg) without error
+
+
+def test_the_command_line_prints_the_ranked_table(capsys, words):
+    m = gpt2np.load(words)
+    code, out, err = run(capsys, "attribute", IOI, "--model", words, "--target", " Mary", "--versus", " John",
+                         "--top", 100)
+    assert code == 0 and err == ""
+    tr = m.forward(m.encode(IOI), sublayers=True)
+    a = attribute(m, tr, " Mary", versus=" John")
+    lines = [ln.split() for ln in out.splitlines() if ln[:4].strip().isdigit()]
+    assert [ln[1] for ln in lines] == [k for k, _ in a.table()]
+    assert [float(ln[2]) for ln in lines] == pytest.approx([v for _, v in a.table()], abs=1e-4)
+    assert "logit(' Mary') - logit(' John')" in out
+
+
+def test_the_command_line_writes_figure_and_file(capsys, words, tmp_path):
+    fig, js = tmp_path / "ioi.png", tmp_path / "ioi.json"
+    code, out, err = run(capsys, "attribute", IOI, "--model", words, "--target", " Mary", "--versus", " John",
+                         "--heads", "--out", fig, "--save", js, "--dpi", 50)
+    assert code == 0, err
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    a = Attribution.load(js)
+    m = gpt2np.load(words)
+    assert a.target == m.encode(" Mary")[0] and a.versus == m.encode(" John")[0]
+    assert a.head_grid().shape == (3, 2) and a.position == len(m.encode(IOI)) - 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--target", " Paris is"], r"--target=' Paris is' encodes to 2 tokens \(' Paris' \+ ' is'\)"),
+    (["--target", " Mary", "--versus", ""], "--versus='' encodes to 0 tokens"),
+    (["--target", " Mary", "--position", "40"], "--position=40 is outside the text's 14 tokens"),
+    (["--target", " Mary", "--row", "7"], "row='7' names no row"),
+    (["--target", "60000"], r"--target=60000 is outside the vocabulary \[0, 50257\)"),
+    (["--target", " Mary", "--out", "x.gif"], "unsupported file type .gif"),
+    (["--target", " Mary", "--save", "x.npz"], "unsupported file type .npz"),
+    (["--target", " Mary", "--out", "x.png", "--dpi", "100000"], "megapixels"),
+])
+def test_bad_input_on_the_command_line(capsys, words, tmp_path, argv, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(gpt2np.api.Model, "forward", lambda *a, **k: calls.append(1))  # no work before the check
+    code, out, err = run(capsys, "attribute", IOI, "--model", words, *argv)
+    assert code == 2 and re.search(message, err), err
+    assert len(err.strip().splitlines()) == 1 and not calls and not list(tmp_path.iterdir())
+
+
+def test_the_example_runs_and_its_shares_add_up(capsys, words, tmp_path):
+    """examples/ioi_attribution.py on a random checkpoint: per-block totals add up to the logit difference."""
+    import runpy
+
+    out = tmp_path / "ioi.png"
+    ns = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "ioi_attribution.py"))
+    ns["main"](["--model", str(words), "--out", str(out)])
+    text = capsys.readouterr().out
+    total = float(text.split(" = ")[1].split()[0])
+    rows = [ln.split() for ln in text.splitlines() if ln.strip()[:1].isdigit() and len(ln.split()) == 3]
+    m = gpt2np.load(words)
+    a = attribute(m, m.forward(m.encode(IOI), sublayers=True), " Mary", versus=" John")
+    assert total == pytest.approx(a.logit, abs=1e-3) and len(rows) == m.config.n_layer
+    rest = dict(zip(a.labels, a.shares))
+    assert sum(float(r[1]) + float(r[2]) for r in rows) + rest["embed"] + rest["pos_embed"] + rest["ln_f.bias"] \
+        == pytest.approx(a.total, abs=1e-2)
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_heads_of_the_fast_path_equal_the_plain_one(pair):
+    """forward_fast keeps the same heads as model.forward (within float32 rounding)."""
+    from gpt2np import model as M
+
+    ours, _ = pair
+    ids = np.random.default_rng(5).integers(0, CONFIG.vocab_size, 33)
+    fast = ours.forward(ids, sublayers=True, heads=True)
+    plain = M.forward(ours.params, ours.config, ids, sublayers=True, heads=True)
+    assert fast.heads.shape == plain.heads.shape
+    assert np.max(np.abs(fast.heads - plain.heads)) < 1e-5 * np.abs(plain.heads).max()
+    assert ours.forward(ids).heads is None
+
+
+def test_decompose_and_attribute_on_another_array_namespace(tiny_model):
+    """The heads and the decomposition run on array_api_strict (the CPU proof of the GPU path)."""
+    from _strict import host_conversion_blocked, is_strict, strict_model
+
+    ids = np.arange(11)
+    sm = strict_model(tiny_model)
+    with host_conversion_blocked():
+        tr = sm.forward(ids, sublayers=True, heads=True)
+        labels, parts = decompose(sm, tr, heads=True)
+    assert is_strict(parts) and is_strict(tr.heads)
+    ref = tiny_model.forward(ids, sublayers=True, heads=True)
+    want = decompose(tiny_model, ref, heads=True)
+    assert labels == want.labels
+    assert np.max(np.abs(np.from_dlpack(parts) - want.parts)) < 1e-5 * np.abs(want.parts).max()
+    a, b = attribute(sm, tr, 3, heads=True), attribute(tiny_model, ref, 3, heads=True)
+    assert np.allclose(a.shares, b.shares, atol=1e-5 * np.abs(b.shares).max())
