@@ -144,7 +144,7 @@ class Attribution:
         return float(np.sum(self.shares))
 
     def head_grid(self) -> np.ndarray:
-        """``[L', H]`` the heads' shares by block and head (NaN-free), when the shares were taken per head."""
+        """``[L', H]`` the heads' shares by block and head (blocks before the row), for ``heads=True``."""
         names = [s for s in self.labels if ".h" in s]
         if not names:
             raise ValueError("this attribution has no per-head shares: make it with heads=True")
@@ -236,6 +236,8 @@ def attribute(model, trace, target, *, versus=None, position: int = -1, heads: b
     _check_trace(model, trace, heads)
     t = token_id(model, target)
     v = None if versus is None else token_id(model, versus, "versus")
+    if v == t:
+        raise ValueError(f"target and versus are the same token ({t}): their logit difference is 0 everywhere")
     pos = check_position(position, trace.resid.shape[1])
     r = find_row(model.config.n_layer, row)
     p, eps = model.params, model.config.layer_norm_epsilon

@@ -24,7 +24,7 @@ def describe(a) -> str:
     """One line: what was attributed, where, and the check that the shares sum to the logit."""
     what = f"logit({a.tokens[0]!r})" if a.versus is None else f"logit({a.tokens[0]!r}) - logit({a.tokens[1]!r})"
     return (f"direct attribution of {what} at position {a.position}, row {a.row}: "
-            f"shares sum to {a.total:.4g}, the model's value is {a.logit:.4g}")
+            f"shares sum to {a.total:.4g}, the value itself is {a.logit:.4g}")
 
 
 def figure_size(n_bars: int, grid: tuple[int, int] | None = None) -> tuple[float, float]:

@@ -179,6 +179,8 @@ def test_bad_input(tiny_model):
         attribute(m, tr, "hello world")
     with pytest.raises(ValueError, match="row='9' names no row"):
         decompose(m, tr, "9")
+    with pytest.raises(ValueError, match="target and versus are the same token"):
+        attribute(m, tr, 3, versus=3)
     with pytest.raises(TypeError, match="token id or a string"):
         attribute(m, tr, 2.0)
     assert find_row(3, None) == find_row(3, "2")
