@@ -1,4 +1,5 @@
-"""Where a prediction comes from: a residual row split into the parts that wrote it, and each part's direct share of a logit.
+"""Where a prediction comes from: a residual row split into the parts that wrote it, and each part's
+direct share of a logit.
 
 The residual stream is a sum (``model.py``): at every position
 

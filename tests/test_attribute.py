@@ -63,7 +63,8 @@ def reference_parts(ref, torch, ids):
         "attn_bias": [blk.attn.c_proj.bias.detach().double().numpy() for blk in h],
         "final": got["final"][0], "logits": out.logits[0].detach().double().numpy(),
         "W": ref.lm_head.weight.detach().double().numpy(),
-        "g": ref.transformer.ln_f.weight.detach().double().numpy(), "b": ref.transformer.ln_f.bias.detach().double().numpy(),
+        "g": ref.transformer.ln_f.weight.detach().double().numpy(),
+        "b": ref.transformer.ln_f.bias.detach().double().numpy(),
     }
 
 

@@ -51,8 +51,8 @@ def test_equals_plain_forward(small_model, monkeypatch, T, workers, chunk, gelu_
     monkeypatch.setattr(fast, "GELU_ROWS", gelu_rows)
     monkeypatch.setattr(fast, "SCORE_BYTES", score_bytes)
     m, ids = small_model, ids_of(small_model, T)
-    ref = model.forward(m.params, m.config, ids, sublayers=True, patterns=True)
-    got = fast.forward_fast(m.params, m.config, ids, sublayers=True, patterns=True, workers=workers)
+    ref = model.forward(m.params, m.config, ids, sublayers=True, patterns=True, heads=True)
+    got = fast.forward_fast(m.params, m.config, ids, sublayers=True, patterns=True, heads=True, workers=workers)
     for name in FIELDS:
         a, b = getattr(got, name), getattr(ref, name)
         assert a.shape == b.shape and a.dtype == b.dtype, name
@@ -113,7 +113,7 @@ def test_repeated_calls_identical(small_model, workers):
 
 def test_trace_is_float32(small_model):
     m = small_model
-    tr = fast.forward_fast(m.params, m.config, ids_of(m, 70), sublayers=True, patterns=True, workers=2)
+    tr = fast.forward_fast(m.params, m.config, ids_of(m, 70), sublayers=True, patterns=True, heads=True, workers=2)
     assert tr.ids.dtype == np.int64
     for name in FIELDS:
         assert getattr(tr, name).dtype == np.float32, name
