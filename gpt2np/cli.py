@@ -429,7 +429,7 @@ def cmd_attribute(args) -> int:
     if args.out:
         save_figure(plot_attribution(a), args.out, dpi=args.dpi)
         print(f"wrote {args.out}")
-    if not args.out and not args.save:
+    if not args.out:
         print(attribution_table(a, args.top, args.lens))
     return 0
 

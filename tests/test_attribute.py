@@ -236,7 +236,7 @@ def test_the_figure_draws_every_component(tiny_model):
         fig.canvas.draw()  # renders (Agg) without error
 
 
-def test_the_command_line_prints_the_ranked_table(capsys, words):
+def test_the_command_line_prints_the_ranked_table(capsys, words, tmp_path):
     m = gpt2np.load(words)
     code, out, err = run(capsys, "attribute", IOI, "--model", words, "--target", " Mary", "--versus", " John",
                          "--top", 100)
@@ -247,6 +247,9 @@ def test_the_command_line_prints_the_ranked_table(capsys, words):
     assert [ln[1] for ln in lines] == [k for k, _ in a.table()]
     assert [float(ln[2]) for ln in lines] == pytest.approx([v for _, v in a.table()], abs=1e-4)
     assert "logit(' Mary') - logit(' John')" in out
+    code, out2, _ = run(capsys, "attribute", IOI, "--model", words, "--target", " Mary", "--versus", " John",
+                        "--top", 100, "--save", tmp_path / "a.json")
+    assert code == 0 and out2 == f"wrote {tmp_path / 'a.json'}\n" + out  # --save alone still prints the table
 
 
 def test_the_command_line_writes_figure_and_file(capsys, words, tmp_path):
