@@ -224,6 +224,20 @@ def test_lens_on_gpu_matches_cpu(pair):
     assert max(checks.values()) < GPU_RTOL, checks
 
 
+@needs_gpu
+def test_heads_and_attribution_on_gpu_match_cpu(pair):
+    """Per-head outputs and direct logit attribution from a GPU trace against the CPU's."""
+    cpu, gpu = pair
+    ids = _ids(cpu, 40)
+    got, want = gpu.forward(ids, sublayers=True, heads=True), cpu.forward(ids, sublayers=True, heads=True)
+    assert _on_gpu(got.heads)
+    np.testing.assert_allclose(cp.asnumpy(got.heads), want.heads, rtol=GPU_RTOL, atol=GPU_RTOL * float(
+        np.abs(want.heads).max()))
+    a, b = gpt2np.attribute(gpu, got, 7, versus=3, heads=True), gpt2np.attribute(cpu, want, 7, versus=3, heads=True)
+    assert a.labels == b.labels
+    np.testing.assert_allclose(a.shares, b.shares, rtol=0, atol=GPU_RTOL * float(np.abs(b.shares).max()))
+
+
 def _leaves(params) -> list:
     out = []
     params.map(lambda a: out.append(a) or a)
