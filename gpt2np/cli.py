@@ -434,6 +434,48 @@ def cmd_attribute(args) -> int:
     return 0
 
 
+def cmd_stats(args) -> int:
+    from .corpus import corpus_stats, read_texts
+
+    _check_suffix(args.out, (".json",), "--out")
+    _check_writable(args.out, "--out")
+    for f in args.files:
+        if f != "-" and not Path(f).exists():
+            raise UserError(f"cannot read {f}: no such file or folder")
+    if args.files.count("-") > 1:
+        raise UserError("standard input (-) can be read once")
+    model = _load(args)
+
+    def texts():
+        for f in args.files:
+            if f == "-":
+                try:
+                    yield sys.stdin.buffer.read().decode("utf-8") if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+                except UnicodeDecodeError as e:
+                    raise UserError(f"cannot read standard input: not UTF-8 text ({e.reason} at byte {e.start})") \
+                        from None
+            else:
+                try:
+                    yield from read_texts([f])
+                except UnicodeDecodeError as e:
+                    raise UserError(f"cannot read {f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+    stats = corpus_stats(model, texts(), window=args.window, stride=args.stride, step=args.step,
+                         sublayers=args.sublayers, norm=args.norm, decoder_blocks=args.decoder_blocks,
+                         include_input=not args.no_input)
+    stats.save(args.out)
+    print(f"{stats.documents} documents, {stats.positions} tokens scored; wrote {args.out}")
+    print(f"{'row':<8}{'KL(final)':>10}{'KL(input)':>10}{'entropy':>9}{'xent':>8}{'bits/B':>8}"
+          f"{'top1=final':>11}{'top1=next':>10}")
+    means = {k: stats.mean(k) for k in ("kl_final", "kl_input", "entropy", "next_xent", "agree_final",
+                                         "next_correct")}
+    for r, row in enumerate(stats.rows):
+        print(f"{row:<8}{means['kl_final'][r]:>10.3f}{means['kl_input'][r]:>10.3f}{means['entropy'][r]:>9.3f}"
+              f"{means['next_xent'][r]:>8.3f}{stats.bits_per_byte[r]:>8.3f}{means['agree_final'][r]:>11.3f}"
+              f"{means['next_correct'][r]:>10.3f}")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from .result import Lens
 
@@ -659,6 +701,13 @@ Each component's direct share of the target's logit at --position (default the l
 logit difference target - versus: the embeddings, each block's attention (or each head, --heads) and
 MLP, and ln_f's bias. ln_f's scale is held at the value the model applied; the shares then sum to the
 model's own logit exactly. --lens adds the target's logit under the logit lens at every row.""",
+    "stats": """examples:
+  gpt2np stats corpus/ --model gpt2 --out stats.json
+  gpt2np stats data.jsonl --model gpt2-xl --step 2 --window 1024 --stride 512 --out xl.json
+
+Per row of the lens: mean KL(final || row), KL(input || row), entropy, next-token cross-entropy (nats
+and bits per byte), the share of positions whose top-1 is the final one, and the next-token accuracy;
+the JSON also holds rank histograms and the lock-in rows. Statistics files merge exactly.""",
     "info": """examples:
   gpt2np info gpt2-xl
   gpt2np info ./my-checkpoint""",
@@ -757,6 +806,16 @@ def build_parser() -> Parser:
     p.add_argument("--dpi", type=_positive, default=150, help="resolution of PNG figures (default 150)")
     p.add_argument("--save", metavar="FILE", help="save the attribution as .json")
 
+    p = command("stats", cmd_stats, "the lens's statistics per row over a corpus (files, folders, .jsonl, -)",
+                [model])
+    p.add_argument("files", nargs="+", metavar="FILE", help="text files, folders of .txt/.jsonl, .jsonl files "
+                   "(a \"text\" field per line), or - for standard input")
+    p.add_argument("--out", required=True, metavar="FILE", help="write the statistics (.json)")
+    p.add_argument("--window", type=_positive, help="positions per forward pass (default: the context)")
+    p.add_argument("--stride", type=_positive, help="positions between windows (default: the window); later "
+                   "windows score only their new positions")
+    _lens_options(p)
+
     p = command("download", cmd_download, "download official checkpoints (four files each), with progress bars",
                 [])
     p.add_argument("names", nargs="+", metavar="NAME", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or all")
@@ -785,8 +844,8 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     if args.command is None:
-        print(f"{PROG}: error: choose a command: lens, plot, attribute, generate, score, download, info "
-              f"(see `{PROG} --help`)", file=sys.stderr)
+        print(f"{PROG}: error: choose a command: lens, plot, attribute, stats, generate, score, download, "
+              f"info (see `{PROG} --help`)", file=sys.stderr)
         return 2
     try:
         return args.run(args)
