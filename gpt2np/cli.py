@@ -444,6 +444,15 @@ def cmd_stats(args) -> int:
             raise UserError(f"cannot read {f}: no such file or folder")
     if args.files.count("-") > 1:
         raise UserError("standard input (-) can be read once")
+    dask = args.dask
+    if dask is not None and not (dask.startswith("tcp://") or (dask.startswith("local:") and dask[6:].isdigit()
+                                                               and int(dask[6:]) >= 1)):
+        raise UserError(f"--dask {dask}: use local:N (N worker processes here) or tcp://HOST:PORT (a scheduler)")
+    if dask is not None:
+        try:
+            import distributed
+        except ImportError:
+            raise UserError("--dask needs Dask: pip install 'gpt2np[dask]'") from None
     model = _load(args)
 
     def texts():
@@ -460,9 +469,21 @@ def cmd_stats(args) -> int:
                 except UnicodeDecodeError as e:
                     raise UserError(f"cannot read {f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
-    stats = corpus_stats(model, texts(), window=args.window, stride=args.stride, step=args.step,
-                         sublayers=args.sublayers, norm=args.norm, decoder_blocks=args.decoder_blocks,
-                         include_input=not args.no_input)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    options = dict(window=args.window, stride=args.stride, step=args.step, sublayers=args.sublayers, norm=args.norm,
+                   decoder_blocks=args.decoder_blocks, include_input=not args.no_input, progress=progress)
+    if dask is None:
+        stats = corpus_stats(model, texts(), **options)
+    elif dask.startswith("local:"):
+        n = int(dask[6:])
+        from .backend import usable_cores
+        with distributed.LocalCluster(n_workers=n, threads_per_worker=max(1, usable_cores() // n), processes=True,
+                                      dashboard_address=None, silence_logs=40) as cluster, \
+                distributed.Client(cluster) as client:
+            stats = corpus_stats(model, texts(), client=client, **options)
+    else:
+        with distributed.Client(dask) as client:
+            stats = corpus_stats(model, texts(), client=client, **options)
     stats.save(args.out)
     print(f"{stats.documents} documents, {stats.positions} tokens scored; wrote {args.out}")
     print(f"{'row':<8}{'KL(final)':>10}{'KL(input)':>10}{'entropy':>9}{'xent':>8}{'bits/B':>8}"
@@ -814,6 +835,10 @@ def build_parser() -> Parser:
     p.add_argument("--window", type=_positive, help="positions per forward pass (default: the context)")
     p.add_argument("--stride", type=_positive, help="positions between windows (default: the window); later "
                    "windows score only their new positions")
+    p.add_argument("--dask", metavar="local:N|tcp://HOST:PORT", help="documents as Dask tasks: N worker processes "
+                   "here, or the cluster of a running scheduler (pip install 'gpt2np[dask]')")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar on standard error (default: when it is a terminal)")
     _lens_options(p)
 
     p = command("download", cmd_download, "download official checkpoints (four files each), with progress bars",

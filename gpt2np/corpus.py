@@ -169,7 +169,7 @@ def lens_settings(settings: dict) -> dict:
 
 def corpus_stats(model, texts, *, window: int | None = None, stride: int | None = None, step: int = 1,
                  sublayers: bool = False, norm: str = "ln_f", decoder_blocks: int = 0,
-                 include_input: bool = True) -> CorpusStats:
+                 include_input: bool = True, client=None, progress: bool = False) -> CorpusStats:
     """The lens's statistics over ``texts`` (an iterable of strings, read one at a time).
 
     Parameters
@@ -179,13 +179,13 @@ def corpus_stats(model, texts, *, window: int | None = None, stride: int | None 
     window : positions per forward pass (default ``n_positions``)
     stride : positions between window starts (default ``window``); later windows score only new positions
     step, sublayers, norm, decoder_blocks, include_input : the lens's rows and decoder, as in ``logit_lens``
+    client : a ``dask.distributed.Client``: documents become Dask tasks (``corpus_dask.py``)
+    progress : a progress bar on standard error (tokens scored, tokens per second)
 
     Returns
     -------
     CorpusStats
     """
-    from .api import logit_lens
-
     n = model.config.n_positions
     window = n if window is None else window
     stride = window if stride is None else stride
@@ -193,26 +193,61 @@ def corpus_stats(model, texts, *, window: int | None = None, stride: int | None 
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= hi:
             raise ValueError(f"{name}={v!r} must be a whole number from 1 to {hi}"
                              + (" (the model's context)" if name == "window" else " (the window)"))
-    total = None
-    for text in texts:
-        if not isinstance(text, str):
-            raise TypeError(f"texts must be strings, got {type(text).__name__}")
-        ids = model.encode(text)
-        if len(ids) == 0:
-            continue
-        doc = None
-        for begin, end, first in windows(len(ids), window, stride):
-            trace = model.forward(ids[begin:end], sublayers=sublayers)
-            lens = logit_lens(model, trace, k=1, step=step, include_input=include_input, sublayers=sublayers,
-                              start=first - begin, norm=norm, decoder_blocks=decoder_blocks)
-            part = lens_stats(model, lens)
-            doc = part if doc is None else doc.merge(part)
-        doc = CorpusStats(**{f.name: getattr(doc, f.name) for f in fields(doc) if f.name != "documents"},
-                          documents=1)
-        total = doc if total is None else total.merge(doc)
+    options = dict(window=int(window), stride=int(stride), step=step, sublayers=sublayers, norm=norm,
+                   decoder_blocks=decoder_blocks, include_input=include_input)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(unit="tok", unit_scale=True, desc="corpus", dynamic_ncols=True)
+    try:
+        if client is not None:
+            try:
+                from . import corpus_dask
+            except ImportError as e:
+                raise ImportError(f"client= needs Dask ({e}): pip install 'gpt2np[dask]'") from None
+            total = corpus_dask.run(client, model, _counted(texts, model, bar), options)
+        else:
+            total = None
+            for text in texts:
+                if not isinstance(text, str):
+                    raise TypeError(f"texts must be strings, got {type(text).__name__}")
+                doc = document_stats(model, text, **options)
+                if doc is not None:
+                    total = doc if total is None else total.merge(doc)
+                    if bar is not None:
+                        bar.update(doc.positions)
+    finally:
+        if bar is not None:
+            bar.close()
     if total is None:
         raise ValueError("the corpus has no tokens: give at least one non-empty text")
     return total
+
+
+def _counted(texts, model, bar):
+    """The texts, the bar advanced by each one's tokens as it is handed out (Dask runs)."""
+    for text in texts:
+        if bar is not None and isinstance(text, str):
+            bar.update(len(model.encode(text)))
+        yield text
+
+
+def document_stats(model, text: str, *, window: int, stride: int, step: int = 1, sublayers: bool = False,
+                   norm: str = "ln_f", decoder_blocks: int = 0, include_input: bool = True) -> CorpusStats | None:
+    """One text's statistics (``documents=1``), window by window; None for a text with no tokens."""
+    from .api import logit_lens
+
+    ids = model.encode(text)
+    doc = None
+    for begin, end, first in windows(len(ids), window, stride):
+        trace = model.forward(ids[begin:end], sublayers=sublayers)
+        lens = logit_lens(model, trace, k=1, step=step, include_input=include_input, sublayers=sublayers,
+                          start=first - begin, norm=norm, decoder_blocks=decoder_blocks)
+        part = lens_stats(model, lens)
+        doc = part if doc is None else doc.merge(part)
+    if doc is None:
+        return None
+    return CorpusStats(**{f.name: getattr(doc, f.name) for f in fields(doc) if f.name != "documents"}, documents=1)
 
 
 def read_texts(paths):

@@ -140,3 +140,70 @@ def test_the_command_line_reads_files_folders_jsonl_and_stdin(tiny_checkpoint, t
     assert 'bad.jsonl line 2 has no "text" field' in capsys.readouterr().err
     assert cli.main(["stats", str(tmp_path / "missing"), "--model", str(tiny_checkpoint), "--out", str(out)]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# On a Dask cluster (two worker processes on this machine)
+
+
+@pytest.fixture(scope="module")
+def client():
+    import distributed  # in the test extra: never skipped
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=50) as cluster, distributed.Client(cluster) as c:
+        yield c
+
+
+def _same(a, b):
+    assert (a.rows, a.settings, a.documents, a.positions, a.next_positions, a.next_bytes) == \
+        (b.rows, b.settings, b.documents, b.positions, b.next_positions, b.next_bytes)
+    for k in ("agree_final", "next_correct", "final_rank_hist", "next_rank_hist", "lock_in_hist"):
+        np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+    for k in ("kl_final", "kl_input", "entropy", "next_xent"):
+        np.testing.assert_allclose(getattr(a, k), getattr(b, k), rtol=1e-12)
+
+
+def test_a_dask_run_equals_the_serial_one(client, tiny_model):
+    corpus = TEXTS * 5 + [""]
+    serial = corpus_stats(tiny_model, corpus, window=20, stride=12, sublayers=True)
+    _same(corpus_stats(tiny_model, iter(corpus), window=20, stride=12, sublayers=True, client=client), serial)
+    # each worker loaded the model once, from the model's folder
+    paths = client.run(lambda dask_worker: str(dask_worker.gpt2np_model.path))
+    assert len(paths) == 2 and set(paths.values()) == {str(tiny_model.path)}
+
+
+def test_a_worker_that_dies_mid_run_is_replaced_with_the_same_result(client, tiny_model, tmp_path):
+    marker = tmp_path / "died"
+
+    def die_once_on_first_task(dask_worker, marker=str(marker)):
+        import os
+
+        import gpt2np.corpus_dask as cd
+        original = cd.document_stats
+
+        def dying(model, text, **kw):
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)  # the worker process dies with its task running
+            return original(model, text, **kw)
+        cd.document_stats = dying
+
+    first = next(iter(client.scheduler_info()["workers"]))
+    client.run(die_once_on_first_task, workers=[first])
+    got = corpus_stats(tiny_model, TEXTS * 3, client=client)
+    assert marker.exists()  # a worker did die mid-run
+    _same(got, corpus_stats(tiny_model, TEXTS * 3))
+
+
+def test_the_command_line_on_a_local_dask_cluster(tiny_checkpoint, tiny_model, tmp_path, capsys):
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXTS) + "\n")
+    out = tmp_path / "s.json"
+    code = cli.main(["stats", str(tmp_path / "c.jsonl"), "--model", str(tiny_checkpoint), "--out", str(out),
+                     "--dask", "local:2", "--progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "tok" in err  # the progress bar (tokens, tokens per second)
+    _same(CorpusStats.load(out), corpus_stats(tiny_model, TEXTS))
+    assert cli.main(["stats", str(tmp_path / "c.jsonl"), "--model", str(tiny_checkpoint), "--out", str(out),
+                     "--dask", "local"]) == 2
+    assert "use local:N" in capsys.readouterr().err
