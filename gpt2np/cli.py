@@ -439,6 +439,11 @@ def cmd_stats(args) -> int:
 
     _check_suffix(args.out, (".json",), "--out")
     _check_writable(args.out, "--out")
+    _check_suffix(args.plot, FIGURE_TYPES, "--plot")
+    _check_writable(args.plot, "--plot")
+    for f in args.with_stats or []:
+        if not Path(f).is_file():
+            raise UserError(f"cannot read --with {f}: no such file")
     for f in args.files:
         if f != "-" and not Path(f).exists():
             raise UserError(f"cannot read {f}: no such file or folder")
@@ -486,6 +491,15 @@ def cmd_stats(args) -> int:
             stats = corpus_stats(model, texts(), client=client, **options)
     stats.save(args.out)
     print(f"{stats.documents} documents, {stats.positions} tokens scored; wrote {args.out}")
+    if args.plot:
+        from .corpus import CorpusStats
+        from .plot import save_figure
+        from .plot_corpus import plot_stats
+        drawn = {Path(args.out).stem: stats}
+        for f in args.with_stats or []:
+            drawn[Path(f).stem] = CorpusStats.load(f)
+        save_figure(plot_stats(drawn), args.plot)
+        print(f"wrote {args.plot}")
     print(f"{'row':<8}{'KL(final)':>10}{'KL(input)':>10}{'entropy':>9}{'xent':>8}{'bits/B':>8}"
           f"{'top1=final':>11}{'top1=next':>10}")
     means = {k: stats.mean(k) for k in ("kl_final", "kl_input", "entropy", "next_xent", "agree_final",
@@ -835,6 +849,9 @@ def build_parser() -> Parser:
     p.add_argument("--window", type=_positive, help="positions per forward pass (default: the context)")
     p.add_argument("--stride", type=_positive, help="positions between windows (default: the window); later "
                    "windows score only their new positions")
+    p.add_argument("--plot", metavar="FIGURE", help="draw each statistic per row (.png, .svg or .pdf)")
+    p.add_argument("--with", dest="with_stats", action="append", metavar="STATS_JSON",
+                   help="with --plot: overlay earlier statistics (other models or lenses); repeatable")
     p.add_argument("--dask", metavar="local:N|tcp://HOST:PORT", help="documents as Dask tasks: N worker processes "
                    "here, or the cluster of a running scheduler (pip install 'gpt2np[dask]')")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

@@ -207,3 +207,24 @@ def test_the_command_line_on_a_local_dask_cluster(tiny_checkpoint, tiny_model, t
     assert cli.main(["stats", str(tmp_path / "c.jsonl"), "--model", str(tiny_checkpoint), "--out", str(out),
                      "--dask", "local"]) == 2
     assert "use local:N" in capsys.readouterr().err
+
+
+def test_the_figure_overlays_several_statistics(tiny_checkpoint, tiny_model, tmp_path, capsys):
+    from gpt2np.plot_corpus import PANELS, plot_stats
+
+    a, b = corpus_stats(tiny_model, TEXTS), corpus_stats(tiny_model, TEXTS, norm="norm")
+    fig = plot_stats({"ln_f": a, "norm": b})
+    panels = [ax for ax in fig.axes if ax.get_label().startswith("stats:")]
+    assert len(panels) == len(PANELS)
+    kl = panels[0].get_lines()
+    assert [ln.get_label() for ln in kl] == ["ln_f", "norm"]
+    np.testing.assert_allclose(kl[1].get_ydata(), b.mean("kl_final"))
+    b.save(tmp_path / "norm.json")
+    (tmp_path / "t.txt").write_text(TEXTS[0])
+    code = cli.main(["stats", str(tmp_path / "t.txt"), "--model", str(tiny_checkpoint), "--out",
+                     str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png"),
+                     "--with", str(tmp_path / "norm.json")])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["stats", str(tmp_path / "t.txt"), "--model", str(tiny_checkpoint), "--out",
+                     str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.gif")]) == 2
