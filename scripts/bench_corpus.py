@@ -51,13 +51,23 @@ def main(argv=None) -> None:
     tokens = sum(len(m.encode(t)) for t in texts)
     gpt2np.corpus_stats(m, texts[:1])  # warm up
 
-    t0 = time.perf_counter()
-    for t in texts:
-        gpt2np.logit_lens(m, m.forward(m.encode(t)), k=1)
-    lens_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    serial = gpt2np.corpus_stats(m, texts)
-    serial_s = time.perf_counter() - t0
+    lens_s = serial_s = 0.0
+    serial = None
+    for i, t in enumerate(texts):  # alternating, document by document, the order flipped each time
+        def lens():
+            gpt2np.logit_lens(m, m.forward(m.encode(t)), k=1)
+
+        def stats():
+            return gpt2np.corpus_stats(m, [t])
+
+        for which in ((lens, stats) if i % 2 == 0 else (stats, lens)):
+            t0 = time.perf_counter()
+            part = which()
+            if which is lens:
+                lens_s += time.perf_counter() - t0
+            else:
+                serial_s += time.perf_counter() - t0
+                serial = part if serial is None else serial.merge(part)
 
     import distributed
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
