@@ -99,7 +99,7 @@ class Config:
 # config.json options that change the arithmetic and that gpt2np implements (each a Config field).
 OPTIONS = ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "tie_word_embeddings")
 # GPT-2's tanh GELU under each of transformers' names for it (ACT2FN; equal to float32 rounding, tested).
-TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python_tanh")
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python_tanh", "gelu_accurate")
 # Options read as they are: the arithmetic is GPT-2's either way (reorder_and_upcast_attn changes only
 # the order of operations in float16 training, and is the same product in float32), or they do not touch
 # inference (dropouts, summary_* heads, token ids, use_cache, initializer_range, torch_dtype, ...).
@@ -110,7 +110,7 @@ TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python_tanh")
 ARITHMETIC = {"model_type": "gpt2", "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "n_inner": None,
               "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
               "reorder_and_upcast_attn": False, "tie_word_embeddings": True, "add_cross_attention": False,
-              "quantization_config": None}
+              "is_causal": True, "quantization_config": None}
 
 
 def arithmetic_options(path: str | Path) -> dict:
@@ -129,6 +129,8 @@ def check_options(raw: dict, path) -> None:
         refuse("model_type", "it reads GPT-2 checkpoints only")
     if raw.get("activation_function", "gelu_new") not in TANH_GELU:
         refuse("activation_function", f"GPT-2's tanh GELU only: {', '.join(TANH_GELU)}")
+    if raw.get("is_causal", True) is not True:
+        refuse("is_causal", "GPT-2 attends to earlier positions only")
     if raw.get("add_cross_attention", False):
         refuse("add_cross_attention", "blocks with cross-attention belong to an encoder-decoder model")
     if raw.get("quantization_config") is not None:
