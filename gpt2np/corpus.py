@@ -11,8 +11,10 @@ path on NumPy), and its cells are added up here. Per row r, over the scored posi
     final_rank_hist[r, b]   count of positions whose final top-1 has rank in bin b under the row
     lock_in_hist[r]         count of positions whose lock-in row is r
 
-and over the scored positions whose next token lies in the same window (all but the last position of
-each window; the last token of a text has no next token):
+and over every position of the text but its last (the one with no next token), each under the lens of
+the first window that holds both it and its next token (with a stride below the window, the position
+before a window's new positions is read there once more, for these statistics only; with the stride
+equal to the window, a window's last position has its next token in no window and is left out):
 
     next_xent[r]    sum of -ln p(next token)            next_correct[r] count of top-1 == next token
     next_rank_hist[r, b]    the next token's rank, binned
@@ -137,27 +139,30 @@ def windows(T: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def lens_stats(model, lens) -> CorpusStats:
-    """The statistics of one lens's window (its cells added up as the module describes)."""
+def lens_stats(model, lens, next_only: int = 0) -> CorpusStats:
+    """The statistics of one lens's window (its cells added up as the module describes); its first
+    ``next_only`` positions count for the next-token statistics only (scored by an earlier window)."""
     stats = CorpusStats.empty(lens.rows, lens_settings(lens.settings))
     known = lens.next_ids >= 0  # [W] positions whose next token is in the window
     R = len(lens.rows)
     nxt = lens.next_ids[known]
+    own = slice(next_only, None)  # the positions this window scores
     nbytes = sum(len(token_bytes(model.tokenizer, int(i), model.config.vocab_size)) for i in nxt)
     fr_hist = np.zeros((R, RANK_BINS), np.int64)
     nr_hist = np.zeros((R, RANK_BINS), np.int64)
     for r in range(R):
-        fr_hist[r] = np.bincount(rank_bin(lens.final_rank[r]), minlength=RANK_BINS)
+        fr_hist[r] = np.bincount(rank_bin(lens.final_rank[r, own]), minlength=RANK_BINS)
         nr_hist[r] = np.bincount(rank_bin(lens.next_rank[r, known]), minlength=RANK_BINS)
     return CorpusStats(
         stats.rows,
-        kl_final=lens.kl_final.sum(1), kl_input=lens.kl_input.sum(1), entropy=lens.entropy.sum(1),
-        next_xent=lens.next_xent[:, known].sum(1),
-        agree_final=lens.matches_final.sum(1).astype(np.int64),
+        kl_final=lens.kl_final[:, own].sum(1), kl_input=lens.kl_input[:, own].sum(1),
+        entropy=lens.entropy[:, own].sum(1), next_xent=lens.next_xent[:, known].sum(1),
+        agree_final=lens.matches_final[:, own].sum(1).astype(np.int64),
         next_correct=(lens.top1[:, known] == nxt[None, :]).sum(1).astype(np.int64),
         final_rank_hist=fr_hist, next_rank_hist=nr_hist,
-        lock_in_hist=np.bincount(lens.lock_in, minlength=R).astype(np.int64),
-        documents=0, positions=int(lens.end - lens.start), next_positions=int(known.sum()), next_bytes=nbytes,
+        lock_in_hist=np.bincount(lens.lock_in[own], minlength=R).astype(np.int64),
+        documents=0, positions=int(lens.end - lens.start - next_only), next_positions=int(known.sum()),
+        next_bytes=nbytes,
         settings=stats.settings)
 
 
@@ -241,9 +246,10 @@ def document_stats(model, text: str, *, window: int, stride: int, step: int = 1,
     doc = None
     for begin, end, first in windows(len(ids), window, stride):
         trace = model.forward(ids[begin:end], sublayers=sublayers)
+        back = 1 if first > begin else 0  # the position before: its next token is this window's first new one
         lens = logit_lens(model, trace, k=1, step=step, include_input=include_input, sublayers=sublayers,
-                          start=first - begin, norm=norm, decoder_blocks=decoder_blocks)
-        part = lens_stats(model, lens)
+                          start=first - begin - back, norm=norm, decoder_blocks=decoder_blocks)
+        part = lens_stats(model, lens, next_only=back)
         doc = part if doc is None else doc.merge(part)
     if doc is None:
         return None
