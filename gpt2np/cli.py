@@ -475,8 +475,11 @@ def cmd_stats(args) -> int:
                     raise UserError(f"cannot read {f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    # files can be read twice: count their tokens first (tokenising is fast) for the time left
+    total = sum(len(model.encode(t)) for t in texts()) if progress and "-" not in args.files else None
     options = dict(window=args.window, stride=args.stride, step=args.step, sublayers=args.sublayers, norm=args.norm,
-                   decoder_blocks=args.decoder_blocks, include_input=not args.no_input, progress=progress)
+                   decoder_blocks=args.decoder_blocks, include_input=not args.no_input, progress=progress,
+                   total_tokens=total)
     if dask is None:
         stats = corpus_stats(model, texts(), **options)
     elif dask.startswith("local:"):

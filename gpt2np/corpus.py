@@ -174,7 +174,8 @@ def lens_settings(settings: dict) -> dict:
 
 def corpus_stats(model, texts, *, window: int | None = None, stride: int | None = None, step: int = 1,
                  sublayers: bool = False, norm: str = "ln_f", decoder_blocks: int = 0,
-                 include_input: bool = True, client=None, progress: bool = False) -> CorpusStats:
+                 include_input: bool = True, client=None, progress: bool = False,
+                 total_tokens: int | None = None) -> CorpusStats:
     """The lens's statistics over ``texts`` (an iterable of strings, read one at a time).
 
     Parameters
@@ -185,7 +186,8 @@ def corpus_stats(model, texts, *, window: int | None = None, stride: int | None 
     stride : positions between window starts (default ``window``); later windows score only new positions
     step, sublayers, norm, decoder_blocks, include_input : the lens's rows and decoder, as in ``logit_lens``
     client : a ``dask.distributed.Client``: documents become Dask tasks (``corpus_dask.py``)
-    progress : a progress bar on standard error (tokens scored, tokens per second)
+    progress : a progress bar on standard error (tokens scored, tokens per second; with ``total_tokens``,
+        the corpus's token count, also the fraction done and the time left)
 
     Returns
     -------
@@ -203,7 +205,7 @@ def corpus_stats(model, texts, *, window: int | None = None, stride: int | None 
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(unit="tok", unit_scale=True, desc="corpus", dynamic_ncols=True)
+        bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="corpus", dynamic_ncols=True)
     try:
         if client is not None:
             try:

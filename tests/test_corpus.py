@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -65,7 +66,7 @@ def test_a_text_longer_than_the_context(tiny_model):
     ids = tiny_model.encode(text)
     assert len(ids) > 2 * tiny_model.config.n_positions
     s = corpus_stats(tiny_model, [text], window=40, stride=25)
-    kl, n, n_next = 0.0, 0, 0
+    kl, n = 0.0, 0
     for begin, end, first in windows(len(ids), 40, 25):  # by hand: each window's lens, its new positions
         lens = gpt2np.logit_lens(tiny_model, tiny_model.forward(ids[begin:end]), k=1)
         kl = kl + lens.kl_final[:, first - begin:].astype(np.float64).sum(1)
@@ -202,7 +203,9 @@ def test_the_command_line_on_a_local_dask_cluster(tiny_checkpoint, tiny_model, t
                      "--dask", "local:2", "--progress"])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert "tok" in err  # the progress bar (tokens, tokens per second)
+    assert "tok" in err and "100%" in err  # the progress bar: tokens, tokens per second, fraction and time left
+    n = sum(len(tiny_model.encode(t)) for t in TEXTS)
+    assert re.search(rf"\b{n}(\.0)?/{n}(\.0)?\b", err)  # the total was known from the start
     _same(CorpusStats.load(out), corpus_stats(tiny_model, TEXTS))
     assert cli.main(["stats", str(tmp_path / "c.jsonl"), "--model", str(tiny_checkpoint), "--out", str(out),
                      "--dask", "local"]) == 2
