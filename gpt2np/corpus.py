@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,15 +62,6 @@ class CorpusStats:
     next_positions: int = 0
     next_bytes: int = 0
     settings: dict = field(default_factory=dict)
-
-    @classmethod
-    def empty(cls, rows, settings: dict | None = None) -> "CorpusStats":
-        R = len(rows)
-        z = np.zeros(R)
-        n = np.zeros(R, np.int64)
-        h = np.zeros((R, RANK_BINS), np.int64)
-        return cls(tuple(rows), z, z.copy(), z.copy(), z.copy(), n, n.copy(), h, h.copy(), n.copy(),
-                   settings=dict(settings or {}))
 
     def merge(self, other: "CorpusStats") -> "CorpusStats":
         """The statistics of both parts together (rows and settings must agree)."""
@@ -142,7 +133,6 @@ def windows(T: int, window: int, stride: int) -> list[tuple[int, int, int]]:
 def lens_stats(model, lens, next_only: int = 0) -> CorpusStats:
     """The statistics of one lens's window (its cells added up as the module describes); its first
     ``next_only`` positions count for the next-token statistics only (scored by an earlier window)."""
-    stats = CorpusStats.empty(lens.rows, lens_settings(lens.settings))
     known = lens.next_ids >= 0  # [W] positions whose next token is in the window
     R = len(lens.rows)
     nxt = lens.next_ids[known]
@@ -154,7 +144,7 @@ def lens_stats(model, lens, next_only: int = 0) -> CorpusStats:
         fr_hist[r] = np.bincount(rank_bin(lens.final_rank[r, own]), minlength=RANK_BINS)
         nr_hist[r] = np.bincount(rank_bin(lens.next_rank[r, known]), minlength=RANK_BINS)
     return CorpusStats(
-        stats.rows,
+        tuple(lens.rows),
         kl_final=lens.kl_final[:, own].sum(1), kl_input=lens.kl_input[:, own].sum(1),
         entropy=lens.entropy[:, own].sum(1), next_xent=lens.next_xent[:, known].sum(1),
         agree_final=lens.matches_final[:, own].sum(1).astype(np.int64),
@@ -163,7 +153,7 @@ def lens_stats(model, lens, next_only: int = 0) -> CorpusStats:
         lock_in_hist=np.bincount(lens.lock_in[own], minlength=R).astype(np.int64),
         documents=0, positions=int(lens.end - lens.start - next_only), next_positions=int(known.sum()),
         next_bytes=nbytes,
-        settings=stats.settings)
+        settings=lens_settings(lens.settings))
 
 
 def lens_settings(settings: dict) -> dict:
@@ -255,7 +245,7 @@ def document_stats(model, text: str, *, window: int, stride: int, step: int = 1,
         doc = part if doc is None else doc.merge(part)
     if doc is None:
         return None
-    return CorpusStats(**{f.name: getattr(doc, f.name) for f in fields(doc) if f.name != "documents"}, documents=1)
+    return replace(doc, documents=1)
 
 
 def read_texts(paths):
