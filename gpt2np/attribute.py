@@ -60,6 +60,17 @@ def find_row(n_layer: int, row: str | None) -> Row:
                      f"block) or '0.attn' ... '{n_layer - 1}.attn' (after a block's attention)")
 
 
+def component_labels(n_layer: int, n_head: int, row: Row, heads: bool) -> tuple:
+    """The labels of the terms that sum to ``row``, in depth order (``decompose``'s, without ``ln_f.bias``)."""
+    labels = ["embed", "pos_embed"]
+    full = row.index if row.source == "resid" else row.index + 1  # blocks whose attention came before the row
+    for l in range(full):
+        labels += [f"{l}.h{h}" for h in range(n_head)] + [f"{l}.attn_bias"] if heads else [f"{l}.attn"]
+        if row.source == "resid" or l < row.index:  # the row "l.attn" comes before block l's MLP
+            labels.append(f"{l}.mlp")
+    return tuple(labels)
+
+
 def _check_trace(model, trace, heads: bool) -> None:
     """Refuse a trace that lacks what the decomposition reads, before any work."""
     L, D = model.config.n_layer, model.config.n_embd
@@ -91,26 +102,29 @@ def decompose(model, trace, row: str | None = None, heads: bool = False) -> Deco
         ``l.attn_bias``) and ``l.mlp``; ``parts``: ``[C, T, D]``, summing over C to the row ``[T, D]``.
     """
     _check_trace(model, trace, heads)
-    r = find_row(model.config.n_layer, row)
+    c = model.config
+    labels = component_labels(c.n_layer, c.n_head, find_row(c.n_layer, row), heads)
     xp = namespace(trace.resid)
-    T = trace.resid.shape[1]
+    T, D = trace.resid.shape[1], c.n_embd
     p = model.params
-    labels = ["embed", "pos_embed"]
-    parts = [xp.take(p.wte, xp.asarray(to_numpy(trace.ids)), axis=0), p.wpe[:T, :]]  # [T, D] each
-    full = r.index if r.source == "resid" else r.index + 1  # blocks whose attention came before the row
-    for l in range(full):
-        if heads:
-            H = model.config.n_head
-            labels += [f"{l}.h{h}" for h in range(H)] + [f"{l}.attn_bias"]
-            parts += [trace.heads[l, h, ...] for h in range(H)]  # [T, D] each
-            parts.append(xp.broadcast_to(p.h[l].attn_c_proj_bias, (T, p.wte.shape[1])))  # [T, D]
-        else:
-            labels.append(f"{l}.attn")
-            parts.append(trace.attn_out[l, ...])  # [T, D]
-        if r.source == "resid" or l < r.index:  # the row "l.attn" comes before block l's MLP
-            labels.append(f"{l}.mlp")
-            parts.append(trace.mlp_out[l, ...])  # [T, D]
-    return Decomposition(tuple(labels), xp.stack(parts, axis=0))  # [C, T, D]
+
+    def part(label: str):  # [T, D]
+        if label == "embed":
+            return xp.take(p.wte, xp.asarray(to_numpy(trace.ids)), axis=0)
+        if label == "pos_embed":
+            return p.wpe[:T, :]
+        block, kind = label.split(".")
+        l = int(block)
+        if kind == "attn":
+            return trace.attn_out[l, ...]
+        if kind == "mlp":
+            return trace.mlp_out[l, ...]
+        if kind == "attn_bias":
+            return xp.broadcast_to(p.h[l].attn_c_proj_bias, (T, D))
+        return trace.heads[l, int(kind[1:]), ...]  # "h3": head 3
+
+    parts = [part(label) for label in labels]
+    return Decomposition(labels, xp.stack(parts, axis=0))  # [C, T, D]
 
 
 @dataclass(frozen=True)

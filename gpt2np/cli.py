@@ -401,7 +401,7 @@ def attribution_table(a, top: int | None = None, lens: bool = False) -> str:
 
 
 def cmd_attribute(args) -> int:
-    from .attribute import attribute, check_position, find_row, token_id
+    from .attribute import attribute, check_position, component_labels, find_row, token_id
     from .plot import check_pixels, save_figure
     from .plot_attribute import figure_size, plot_attribution
 
@@ -418,9 +418,10 @@ def cmd_attribute(args) -> int:
     position = check_position(args.position, len(ids), "--position")
     row = find_row(c.n_layer, args.row)
     if args.out:  # the figure's size is known from the model: refuse a dpi too high before any work
-        blocks = row.index if row.source == "resid" else row.index + 1
-        n_bars = 3 + 2 * blocks - (row.source == "resid_mid")  # embeddings, attn (or its bias), mlp, ln_f.bias
-        check_pixels(figure_size(n_bars, (blocks, c.n_head) if args.heads and blocks else None), args.dpi)
+        labels = component_labels(c.n_layer, c.n_head, row, args.heads)
+        blocks = len({s.split(".")[0] for s in labels if ".h" in s})
+        n_bars = sum(".h" not in s for s in labels) + 1  # and ln_f.bias
+        check_pixels(figure_size(n_bars, (blocks, c.n_head) if blocks else None), args.dpi)
     trace = model.forward(ids, sublayers=True, heads=args.heads)
     a = attribute(model, trace, target, versus=versus, position=position, heads=args.heads, row=args.row)
     if args.save:
