@@ -259,7 +259,7 @@ def test_lens_memory_is_bounded(long_case, impl, per_chunk_arrays):
     m, tr = long_case
     fn = lens_fast.logit_lens_fast if impl == "fast" else definition.logit_lens
     chunk = 32
-    fn(m, tr, sublayers=True, chunk=chunk)  # warm-up: imports, thread pools, allocator arenas
+    fn(m, tr, sublayers=True, chunk=chunk, end=chunk)  # warm-up, one chunk: imports, thread pools, arenas
     base = _resident_kib()
     _reset_resident_peak()
     tracemalloc.start()
