@@ -168,8 +168,8 @@ def _config_and_tokenizer(folder: Path) -> tuple[Config, tiktoken.Encoding]:
 
 def logit_lens(model: Model, trace, *, k: int = 5, step: int = 1, include_input: bool = True,
                sublayers: bool = False, start: int = 0, end: int | None = None, norm: str = "ln_f",
-               decoder_blocks: int = 0, decoder: Decoder | None = None, chunk: int = lens.CHUNK,
-               threads: int | None = None) -> Lens:
+               decoder_blocks: int = 0, decoder: Decoder | None = None, translator=None,
+               chunk: int = lens.CHUNK, threads: int | None = None) -> Lens:
     """The logit lens of ``trace``: every shown row read through the decoder, reduced to the lens quantities.
 
     The definition is ``gpt2np.lens.logit_lens``, a plain loop over the rows; this gives the same
@@ -186,7 +186,9 @@ def logit_lens(model: Model, trace, *, k: int = 5, step: int = 1, include_input:
     start, end : the position window ``[start, end)``; the model still read the whole prefix
     norm : ``"ln_f"`` (default), ``"norm"`` (the post's figures) or ``"raw"``
     decoder_blocks : run the last blocks inside the decoder for every shown row
-    decoder : a ``gpt2np.decoder.Decoder`` instead of ``norm`` and ``decoder_blocks``
+    translator : a ``gpt2np.tuned.TunedLens`` (``TunedLens.load``, ``tuned.fit``, ``tuned.read_published``):
+        each row it translates is mapped ``h -> h + h @ A.T + b`` before the normalisation (the tuned lens)
+    decoder : a ``gpt2np.decoder.Decoder`` instead of ``norm``, ``decoder_blocks`` and ``translator``
     chunk : positions per matrix product (bounds the memory)
     threads : NumPy only: threads for the products and reductions (default: the usable cores, at most 2)
 
@@ -197,7 +199,7 @@ def logit_lens(model: Model, trace, *, k: int = 5, step: int = 1, include_input:
     >>> lens.top_tokens[-1, :, 0]      # the final row's top-1 token at each position
     """
     options = dict(k=k, step=step, include_input=include_input, sublayers=sublayers, start=start, end=end,
-                   norm=norm, decoder_blocks=decoder_blocks, decoder=decoder, chunk=chunk)
+                   norm=norm, decoder_blocks=decoder_blocks, decoder=decoder, translator=translator, chunk=chunk)
     if backend.is_numpy(trace.resid) and backend.is_numpy(model.params.wte):
         return logit_lens_fast(model, trace, threads=threads, **options)
     return lens.logit_lens(model, trace, **options)

@@ -8,10 +8,13 @@ The normalisation is one of ``NORMS``: ``ln_f`` (the model's final LayerNorm, ga
 on the last row this is exactly the model's output), ``norm`` (the normalisation alone, the post's
 figures) or ``raw`` (none). The unembedding W ``[V, D]`` is the model's (``params.unembed``).
 
+A ``translator`` (a ``gpt2np.tuned.TunedLens``) maps each row it has a translator for,
+``x -> x + x @ A.T + b``, before the normalisation: the tuned lens. The final stream (the KL anchor) is
+never translated.
+
 A ``Row`` says where a row is read (``resid[index]`` or ``resid_mid[index]``); ``select_rows`` lists the
-shown rows. The lens (``lens.py``) takes a ``Decoder`` and never looks inside it, so a new way of
-reading rows (a per-row translator before the normalisation, as the tuned lens has) changes this file
-only. Same dimension legend as ``model.py``.
+shown rows. The lens (``lens.py``) takes a ``Decoder`` and never looks inside it. Same dimension legend
+as ``model.py``.
 """
 from __future__ import annotations
 
@@ -64,7 +67,8 @@ def run_blocks(model, x, first: int):
 
 @dataclass(frozen=True)
 class Decoder:
-    """How a row becomes the decoder's input: ``blocks`` last blocks, then the normalisation ``norm``.
+    """How a row becomes the decoder's input: ``blocks`` last blocks or the row's ``translator`` (not
+    both), then the normalisation ``norm``.
 
     ``read`` gives the normalised stream ``x_hat``; the logits are ``x_hat @ W.T`` (the lens makes
     that product itself, in position chunks). ``final`` reads the final stream: normalised only, since
@@ -73,12 +77,16 @@ class Decoder:
 
     norm: str = "ln_f"
     blocks: int = 0
+    translator: object = None  # a gpt2np.tuned.TunedLens, or None
 
     def __post_init__(self):
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}: choose one of {', '.join(NORMS)}")
         if isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 0:
             raise ValueError(f"decoder_blocks={self.blocks!r} must be a whole number >= 0")
+        if self.translator is not None and self.blocks:
+            raise ValueError("a tuned lens maps each row to the final stream itself; decoder_blocks runs the last "
+                             "blocks instead: give translator= or decoder_blocks=, not both")
 
     def normalise(self, model, x):
         """The decoder's normalisation of a stream ``x [..., D]`` -> ``[..., D]``."""
@@ -99,7 +107,10 @@ class Decoder:
 
     def read(self, model, trace, row: Row, a: int, b: int):
         """``x_hat [b - a, D]``: row ``row`` at positions ``[a, b)``, ready for the unembedding."""
-        return self.normalise(model, self.stream(model, trace, row, a, b))
+        x = self.stream(model, trace, row, a, b)  # [b - a, D]
+        if self.translator is not None:
+            x = self.translator.apply(row.label, x)  # x + x @ A.T + b, for a row with a translator
+        return self.normalise(model, x)
 
     def final(self, model, trace, a: int, b: int):
         """``x_hat [b - a, D]`` of the final stream (after the last block), the lens's "final" anchor."""
@@ -108,4 +119,7 @@ class Decoder:
     @property
     def settings(self) -> dict:
         """What a saved lens records of its decoder."""
-        return {"norm": self.norm, "decoder_blocks": self.blocks}
+        out = {"norm": self.norm, "decoder_blocks": self.blocks}
+        if self.translator is not None:
+            out["translator"] = self.translator.description
+        return out

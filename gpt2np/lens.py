@@ -31,7 +31,7 @@ CHUNK = 512  # positions per matrix product: [512, 50257] float32 = 103 MB
 
 def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool = True, sublayers: bool = False,
                start: int = 0, end: int | None = None, norm: str = "ln_f", decoder_blocks: int = 0,
-               decoder: Decoder | None = None, chunk: int = CHUNK) -> Lens:
+               decoder: Decoder | None = None, translator=None, chunk: int = CHUNK) -> Lens:
     """Read every shown row of ``trace`` through the decoder and reduce it to the lens quantities.
 
     Parameters
@@ -45,7 +45,9 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
     start, end : the position window ``[start, end)``; the model still read the whole prefix.
     norm : ``"ln_f"`` (default), ``"norm"`` (normalisation only, the post's figures) or ``"raw"``.
     decoder_blocks : run the last blocks inside the decoder for every shown row; their rows are dropped.
-    decoder : a ``Decoder`` instead of ``norm`` and ``decoder_blocks``.
+    translator : a ``gpt2np.tuned.TunedLens``: each row it has a translator for is mapped by it before
+        the normalisation (the tuned lens); other rows are read as the logit lens reads them.
+    decoder : a ``Decoder`` instead of ``norm``, ``decoder_blocks`` and ``translator``.
     chunk : positions per matrix product (memory is a few ``[chunk, V]`` arrays).
 
     Returns
@@ -54,7 +56,8 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
     """
     rows, dec, start, end = check_options(model, trace, k=k, step=step, include_input=include_input,
                                           sublayers=sublayers, start=start, end=end, norm=norm,
-                                          decoder_blocks=decoder_blocks, decoder=decoder, chunk=chunk)
+                                          decoder_blocks=decoder_blocks, decoder=decoder, translator=translator,
+                                          chunk=chunk)
     xp = namespace(trace.resid)
     Wt = xp.permute_dims(model.params.unembed, (1, 0))  # [D, V] a view
     ids = to_numpy(trace.ids).astype(np.int64)  # [T]
@@ -169,7 +172,7 @@ def _integer(v) -> bool:
 
 
 def check_options(model, trace, *, k, step, include_input, sublayers, start, end, norm, decoder_blocks,
-                  decoder, chunk) -> tuple[list[Row], Decoder, int, int]:
+                  decoder, chunk, translator=None) -> tuple[list[Row], Decoder, int, int]:
     """Check a lens request before any work: ``(rows, decoder, start, end)``, or a ValueError that says
     what is wrong and what to do."""
     cfg = model.config
@@ -198,9 +201,11 @@ def check_options(model, trace, *, k, step, include_input, sublayers, start, end
     if not _integer(decoder_blocks) or not 0 <= decoder_blocks <= L:
         raise ValueError(f"decoder_blocks={decoder_blocks!r} must be between 0 and n_layer={L}")
     if decoder is None:
-        decoder = Decoder(norm, int(decoder_blocks))
-    elif norm != "ln_f" or decoder_blocks != 0:
-        raise ValueError("give either decoder= or norm= and decoder_blocks=, not both")
+        decoder = Decoder(norm, int(decoder_blocks), translator)
+    elif norm != "ln_f" or decoder_blocks != 0 or translator is not None:
+        raise ValueError("give either decoder= or norm=, decoder_blocks= and translator=, not both")
+    if decoder.translator is not None:
+        decoder.translator.check(model)
     if decoder.blocks > L:
         raise ValueError(f"decoder_blocks={decoder.blocks} must be between 0 and n_layer={L}")
     if decoder.blocks == L and not include_input:

@@ -50,13 +50,14 @@ REDUCE_MACS = 144
 
 def logit_lens_fast(model, trace, *, k: int = 5, step: int = 1, include_input: bool = True,
                     sublayers: bool = False, start: int = 0, end: int | None = None, norm: str = "ln_f",
-                    decoder_blocks: int = 0, decoder: Decoder | None = None, chunk: int = CHUNK,
-                    threads: int | None = None) -> Lens:
+                    decoder_blocks: int = 0, decoder: Decoder | None = None, translator=None,
+                    chunk: int = CHUNK, threads: int | None = None) -> Lens:
     """``lens.logit_lens`` for NumPy arrays, faster; the same arguments, and ``threads`` (default: the
     usable cores, at most 2; 1 without threadpoolctl)."""
     rows, dec, start, end = check_options(model, trace, k=k, step=step, include_input=include_input,
                                           sublayers=sublayers, start=start, end=end, norm=norm,
-                                          decoder_blocks=decoder_blocks, decoder=decoder, chunk=chunk)
+                                          decoder_blocks=decoder_blocks, decoder=decoder, translator=translator,
+                                          chunk=chunk)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                 or threads < 1):
         raise ValueError(f"threads={threads!r} must be a positive integer (or None: the usable cores, at most 2)")

@@ -274,7 +274,7 @@ def describe(lens) -> str:
     if s.get("decoder_blocks", 0):
         parts.append(f"last {s['decoder_blocks']} blocks in the decoder")
     parts.append(f"positions {lens.start}..{lens.end - 1} of {len(lens.ids)}")
-    return "logit lens · " + ", ".join(parts)
+    return f"{s.get('translator', 'logit lens')} · " + ", ".join(parts)
 
 
 def _view(view: str) -> View:
