@@ -158,13 +158,13 @@ def lens_stats(model, lens, next_only: int = 0) -> CorpusStats:
 
 def lens_settings(settings: dict) -> dict:
     """What two statistics must share to merge: the model and the lens's row and decoder options."""
-    keep = ("model", "step", "include_input", "sublayers", "norm", "decoder_blocks")
+    keep = ("model", "step", "include_input", "sublayers", "norm", "decoder_blocks", "translator")
     return {k: settings[k] for k in keep if k in settings}
 
 
 def corpus_stats(model, texts, *, window: int | None = None, stride: int | None = None, step: int = 1,
                  sublayers: bool = False, norm: str = "ln_f", decoder_blocks: int = 0,
-                 include_input: bool = True, client=None, progress: bool = False,
+                 include_input: bool = True, translator=None, client=None, progress: bool = False,
                  total_tokens: int | None = None) -> CorpusStats:
     """The lens's statistics over ``texts`` (an iterable of strings, read one at a time).
 
@@ -175,6 +175,7 @@ def corpus_stats(model, texts, *, window: int | None = None, stride: int | None 
     window : positions per forward pass (default ``n_positions``)
     stride : positions between window starts (default ``window``); later windows score only new positions
     step, sublayers, norm, decoder_blocks, include_input : the lens's rows and decoder, as in ``logit_lens``
+    translator : a ``gpt2np.tuned.TunedLens``: the tuned lens's statistics (``compare_stats`` gives both)
     client : a ``dask.distributed.Client``: documents become Dask tasks (``corpus_dask.py``)
     progress : a progress bar on standard error (tokens scored, tokens per second; with ``total_tokens``,
         the corpus's token count, also the fraction done and the time left)
@@ -183,15 +184,40 @@ def corpus_stats(model, texts, *, window: int | None = None, stride: int | None 
     -------
     CorpusStats
     """
+    options = dict(window=window, stride=stride, step=step, sublayers=sublayers, norm=norm,
+                   decoder_blocks=decoder_blocks, include_input=include_input)
+    return _run(model, texts, (translator,), options, client, progress, total_tokens)[0]
+
+
+def compare_stats(model, texts, translator, **options) -> dict[str, CorpusStats]:
+    """``{"logit lens": ..., "tuned lens": ...}``: the statistics of the logit lens and of ``translator``
+    (a ``TunedLens``) over the same corpus, in one pass (one forward pass per window, both lenses read
+    from its trace). Options as ``corpus_stats``."""
+    if translator is None:
+        raise ValueError("compare_stats needs a translator (a gpt2np.tuned.TunedLens); corpus_stats gives one lens")
+    client, progress, total = (options.pop(k, d) for k, d in (("client", None), ("progress", False),
+                                                              ("total_tokens", None)))
+    both = _run(model, texts, (None, translator), options, client, progress, total)
+    return dict(zip(("logit lens", "tuned lens"), both))
+
+
+def _run(model, texts, translators: tuple, options: dict, client, progress, total_tokens) -> list[CorpusStats]:
+    """The statistics of each lens in ``translators`` (None: the logit lens) over ``texts``."""
     n = model.config.n_positions
+    window, stride = options["window"], options["stride"]
     window = n if window is None else window
     stride = window if stride is None else stride
     for name, v, hi in (("window", window, n), ("stride", stride, window)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= hi:
             raise ValueError(f"{name}={v!r} must be a whole number from 1 to {hi}"
                              + (" (the model's context)" if name == "window" else " (the window)"))
-    options = dict(window=int(window), stride=int(stride), step=step, sublayers=sublayers, norm=norm,
-                   decoder_blocks=decoder_blocks, include_input=include_input)
+    for t in translators:
+        if t is not None:
+            t.check(model)
+            if options.get("decoder_blocks"):
+                raise ValueError("a tuned lens maps each row to the final stream itself; decoder_blocks runs the "
+                                 "last blocks instead: give translator= or decoder_blocks=, not both")
+    options = {**options, "window": int(window), "stride": int(stride), "translators": translators}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -202,23 +228,23 @@ def corpus_stats(model, texts, *, window: int | None = None, stride: int | None 
                 from . import corpus_dask
             except ImportError as e:
                 raise ImportError(f"client= needs Dask ({e}): pip install 'gpt2np[dask]'") from None
-            total = corpus_dask.run(client, model, _counted(texts, model, bar), options)
+            totals = corpus_dask.run(client, model, _counted(texts, model, bar), options)
         else:
-            total = None
+            totals = None
             for text in texts:
                 if not isinstance(text, str):
                     raise TypeError(f"texts must be strings, got {type(text).__name__}")
-                doc = document_stats(model, text, **options)
-                if doc is not None:
-                    total = doc if total is None else total.merge(doc)
+                docs = document_stats(model, text, **options)
+                if docs is not None:
+                    totals = docs if totals is None else [t.merge(d) for t, d in zip(totals, docs)]
                     if bar is not None:
-                        bar.update(doc.positions)
+                        bar.update(docs[0].positions)
     finally:
         if bar is not None:
             bar.close()
-    if total is None:
+    if totals is None:
         raise ValueError("the corpus has no tokens: give at least one non-empty text")
-    return total
+    return list(totals)
 
 
 def _counted(texts, model, bar):
@@ -230,22 +256,25 @@ def _counted(texts, model, bar):
 
 
 def document_stats(model, text: str, *, window: int, stride: int, step: int = 1, sublayers: bool = False,
-                   norm: str = "ln_f", decoder_blocks: int = 0, include_input: bool = True) -> CorpusStats | None:
-    """One text's statistics (``documents=1``), window by window; None for a text with no tokens."""
+                   norm: str = "ln_f", decoder_blocks: int = 0, include_input: bool = True,
+                   translators: tuple = (None,)) -> list[CorpusStats] | None:
+    """One text's statistics (``documents=1``), window by window, one per lens of ``translators`` (None:
+    the logit lens; each window's trace is read by every lens); None for a text with no tokens."""
     from .api import logit_lens
 
     ids = model.encode(text)
-    doc = None
+    docs = None
     for begin, end, first in windows(len(ids), window, stride):
         trace = model.forward(ids[begin:end], sublayers=sublayers)
         back = 1 if first > begin else 0  # the position before: its next token is this window's first new one
-        lens = logit_lens(model, trace, k=1, step=step, include_input=include_input, sublayers=sublayers,
-                          start=first - begin - back, norm=norm, decoder_blocks=decoder_blocks)
-        part = lens_stats(model, lens, next_only=back)
-        doc = part if doc is None else doc.merge(part)
-    if doc is None:
+        parts = [lens_stats(model, logit_lens(model, trace, k=1, step=step, include_input=include_input,
+                                              sublayers=sublayers, start=first - begin - back, norm=norm,
+                                              decoder_blocks=decoder_blocks, translator=t), next_only=back)
+                 for t in translators]
+        docs = parts if docs is None else [d.merge(p) for d, p in zip(docs, parts)]
+    if docs is None:
         return None
-    return replace(doc, documents=1)
+    return [replace(d, documents=1) for d in docs]
 
 
 def read_texts(paths):

@@ -35,16 +35,20 @@ class LoadModel(WorkerPlugin):
         worker.gpt2np_model = load(self.path, offline=True)
 
 
-def worker_document_stats(text: str, options: dict) -> CorpusStats | None:
-    """One document's statistics on the worker's own model (a Dask task)."""
+def worker_document_stats(text: str, options: dict) -> list[CorpusStats] | None:
+    """One document's statistics, one per lens, on the worker's own model (a Dask task)."""
     return document_stats(get_worker().gpt2np_model, text, **options)
 
 
-def run(client, model, texts, options: dict) -> CorpusStats | None:
-    """Submit the documents as tasks, a few per worker at a time, and merge their statistics."""
+def run(client, model, texts, options: dict) -> list[CorpusStats] | None:
+    """Submit the documents as tasks, a few per worker at a time, and merge their statistics (one per lens
+    of ``options["translators"]``; a tuned lens is sent to every worker once, not with each task)."""
     if model.path is None:
         raise ValueError("a Dask run loads the model on each worker from its folder: load it with gpt2np.load(path)")
     client.register_plugin(LoadModel(model.path))
+    translators = options["translators"]
+    if any(t is not None for t in translators):  # a future in the options: Dask hands each task the worker's copy
+        options = {**options, "translators": client.scatter(list(translators), broadcast=True)}
     workers = max(1, len(client.scheduler_info()["workers"]))
     texts = iter(texts)
     pending = as_completed()
@@ -60,9 +64,9 @@ def run(client, model, texts, options: dict) -> CorpusStats | None:
         submit_next()
     total = None
     for future in pending:
-        part = future.result()
+        parts = future.result()
         future.release()
-        if part is not None:
-            total = part if total is None else total.merge(part)
+        if parts is not None:
+            total = parts if total is None else [t.merge(p) for t, p in zip(total, parts)]
         submit_next()
     return total

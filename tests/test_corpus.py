@@ -231,3 +231,49 @@ def test_the_figure_overlays_several_statistics(tiny_checkpoint, tiny_model, tmp
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["stats", str(tmp_path / "t.txt"), "--model", str(tiny_checkpoint), "--out",
                      str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.gif")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The tuned lens beside the logit lens
+
+
+def _tuned(model, seed=0):
+    from gpt2np.tuned import TunedLens, fingerprint, row_labels
+
+    rng = np.random.default_rng(seed)
+    rows, D = row_labels(model.config.n_layer), model.config.n_embd
+    return TunedLens(rows, (0.05 * rng.standard_normal((len(rows), D, D))).astype(np.float32),
+                     (0.05 * rng.standard_normal((len(rows), D))).astype(np.float32),
+                     {"model": model.name, "fingerprint": fingerprint(model), "method": "test"})
+
+
+def test_tuned_lens_statistics_equal_per_text_lenses_and_compare_runs_both_in_one_pass(tiny_model):
+    from gpt2np.corpus import compare_stats
+
+    t = _tuned(tiny_model)
+    s = corpus_stats(tiny_model, TEXTS, translator=t)
+    want = by_hand(tiny_model, TEXTS, translator=t)
+    np.testing.assert_allclose(s.kl_final, want["kl_final"], rtol=1e-6)
+    np.testing.assert_allclose(s.next_xent, want["next_xent"], rtol=1e-6)
+    np.testing.assert_array_equal(s.agree_final, want["agree"])
+    assert "tuned lens" in s.settings["translator"]
+    both = compare_stats(tiny_model, TEXTS, t, window=20, stride=12)
+    assert list(both) == ["logit lens", "tuned lens"]
+    _same(both["logit lens"], corpus_stats(tiny_model, TEXTS, window=20, stride=12))
+    _same(both["tuned lens"], corpus_stats(tiny_model, TEXTS, window=20, stride=12, translator=t))
+    assert not np.allclose(both["logit lens"].kl_final[:-1], both["tuned lens"].kl_final[:-1])
+    np.testing.assert_array_equal(both["logit lens"].kl_final[-1], both["tuned lens"].kl_final[-1])  # output row
+    with pytest.raises(ValueError, match="cannot merge statistics"):
+        both["logit lens"].merge(both["tuned lens"])
+    with pytest.raises(ValueError, match="not both"):
+        corpus_stats(tiny_model, TEXTS, translator=t, decoder_blocks=1)
+
+
+def test_a_dask_run_with_a_tuned_lens_equals_the_serial_one(client, tiny_model):
+    from gpt2np.corpus import compare_stats
+
+    t = _tuned(tiny_model, seed=1)
+    serial = compare_stats(tiny_model, TEXTS * 3, t, window=20, stride=12)
+    got = compare_stats(tiny_model, iter(TEXTS * 3), t, window=20, stride=12, client=client)
+    for name in serial:
+        _same(got[name], serial[name])
