@@ -130,6 +130,33 @@ def _check_writable(path: str | None, option: str) -> None:
     raise UserError(f"cannot write {option} {path}: {problem}")
 
 
+def _check_tuned_path(args) -> None:
+    """``--lens FILE``: a lens saved by ``gpt2np tune`` (.safetensors) or a tuned-lens folder, checked to
+    exist before the model is loaded."""
+    path = getattr(args, "tuned", None)
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"cannot read --lens {path}: no such file or folder")
+    if not p.is_dir() and p.suffix.lower() != ".safetensors":
+        raise UserError(f"--lens {path}: give a tuned lens saved by `gpt2np tune` (.safetensors) or a folder "
+                        "published by tuned-lens (config.json and params.pt)")
+    if args.decoder_blocks:
+        raise UserError("--lens maps each row to the final stream itself; --decoder-blocks runs the last blocks "
+                        "instead: give one of them")
+
+
+def _translator(model, args):
+    """The tuned lens of ``--lens`` for ``model`` (None without it)."""
+    from .tuned import TunedLens, read_published
+
+    path = getattr(args, "tuned", None)
+    if path is None:
+        return None
+    return read_published(path, model) if Path(path).is_dir() else TunedLens.load(path, model)
+
+
 def _check_decoder_blocks(model, args) -> None:
     """``--decoder-blocks`` against the model's depth (with ``--no-input``, one row must be left)."""
     L = model.config.n_layer
@@ -351,8 +378,10 @@ def cmd_lens(args) -> int:
     _check_suffix(args.save, LENS_TYPES, "--save")
     _check_writable(args.save, "--save")
     _check_figure_options(args)
+    _check_tuned_path(args)
     text = _read_text(args)
     model = _load(args)
+    translator = _translator(model, args)
     ids = _encode(model, text)
     T = len(ids)
     start = 0 if args.start is None else args.start + T if args.start < 0 else args.start
@@ -367,7 +396,7 @@ def cmd_lens(args) -> int:
     trace = model.forward(ids, sublayers=args.sublayers)
     lens = logit_lens(model, trace, k=args.top_k, step=args.step, include_input=not args.no_input,
                       sublayers=args.sublayers, start=start, end=end, norm=args.norm,
-                      decoder_blocks=args.decoder_blocks)
+                      decoder_blocks=args.decoder_blocks, translator=translator)
     if args.save:
         try:
             lens.save(args.save)
@@ -435,31 +464,18 @@ def cmd_attribute(args) -> int:
     return 0
 
 
-def cmd_stats(args) -> int:
-    from .corpus import corpus_stats, read_texts
-
-    _check_suffix(args.out, (".json",), "--out")
-    _check_writable(args.out, "--out")
-    _check_suffix(args.plot, FIGURE_TYPES, "--plot")
-    _check_writable(args.plot, "--plot")
-    for f in args.with_stats or []:
-        if not Path(f).is_file():
-            raise UserError(f"cannot read --with {f}: no such file")
+def _check_corpus(args) -> None:
+    """The corpus files of ``gpt2np stats`` and ``gpt2np tune``, checked before any work."""
     for f in args.files:
         if f != "-" and not Path(f).exists():
             raise UserError(f"cannot read {f}: no such file or folder")
     if args.files.count("-") > 1:
         raise UserError("standard input (-) can be read once")
-    dask = args.dask
-    if dask is not None and not (dask.startswith("tcp://") or (dask.startswith("local:") and dask[6:].isdigit()
-                                                               and int(dask[6:]) >= 1)):
-        raise UserError(f"--dask {dask}: use local:N (N worker processes here) or tcp://HOST:PORT (a scheduler)")
-    if dask is not None:
-        try:
-            import distributed
-        except ImportError:
-            raise UserError("--dask needs Dask: pip install 'gpt2np[dask]'") from None
-    model = _load(args)
+
+
+def _corpus(args):
+    """A function giving the texts of ``args.files`` one at a time (files can be read again; stdin once)."""
+    from .corpus import read_texts
 
     def texts():
         for f in args.files:
@@ -475,43 +491,141 @@ def cmd_stats(args) -> int:
                 except UnicodeDecodeError as e:
                     raise UserError(f"cannot read {f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
+    return texts
+
+
+def _tuned_out(out: str) -> str:
+    """Where ``gpt2np stats --lens`` writes the tuned lens's statistics: beside ``--out``."""
+    p = Path(out)
+    return str(p.with_name(p.stem + ".tuned" + p.suffix))
+
+
+def cmd_stats(args) -> int:
+    from .corpus import compare_stats, corpus_stats
+
+    _check_suffix(args.out, (".json",), "--out")
+    _check_writable(args.out, "--out")
+    _check_tuned_path(args)
+    if args.tuned:
+        _check_writable(_tuned_out(args.out), "(the tuned lens's statistics)")
+    _check_suffix(args.plot, FIGURE_TYPES, "--plot")
+    _check_writable(args.plot, "--plot")
+    for f in args.with_stats or []:
+        if not Path(f).is_file():
+            raise UserError(f"cannot read --with {f}: no such file")
+    _check_corpus(args)
+    dask = args.dask
+    if dask is not None and not (dask.startswith("tcp://") or (dask.startswith("local:") and dask[6:].isdigit()
+                                                               and int(dask[6:]) >= 1)):
+        raise UserError(f"--dask {dask}: use local:N (N worker processes here) or tcp://HOST:PORT (a scheduler)")
+    if dask is not None:
+        try:
+            import distributed
+        except ImportError:
+            raise UserError("--dask needs Dask: pip install 'gpt2np[dask]'") from None
+    model = _load(args)
+    translator = _translator(model, args)
+    texts = _corpus(args)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     # files can be read twice: count their tokens first (tokenising is fast) for the time left
     total = sum(len(model.encode(t)) for t in texts()) if progress and "-" not in args.files else None
     options = dict(window=args.window, stride=args.stride, step=args.step, sublayers=args.sublayers, norm=args.norm,
                    decoder_blocks=args.decoder_blocks, include_input=not args.no_input, progress=progress,
                    total_tokens=total)
+
+    def run(client=None):  # {name: CorpusStats}: the lens, or the logit and tuned lenses side by side
+        if translator is None:
+            return {Path(args.out).stem: corpus_stats(model, texts(), client=client, **options)}
+        return compare_stats(model, texts(), translator, client=client, **options)
+
     if dask is None:
-        stats = corpus_stats(model, texts(), **options)
+        results = run()
     elif dask.startswith("local:"):
         n = int(dask[6:])
         from .backend import usable_cores
         with distributed.LocalCluster(n_workers=n, threads_per_worker=max(1, usable_cores() // n), processes=True,
                                       dashboard_address=None, silence_logs=40) as cluster, \
                 distributed.Client(cluster) as client:
-            stats = corpus_stats(model, texts(), client=client, **options)
+            results = run(client)
     else:
         with distributed.Client(dask) as client:
-            stats = corpus_stats(model, texts(), client=client, **options)
-    stats.save(args.out)
-    print(f"{stats.documents} documents, {stats.positions} tokens scored; wrote {args.out}")
+            results = run(client)
+    stats = next(iter(results.values()))
+    paths = [args.out] if translator is None else [args.out, _tuned_out(args.out)]
+    for path, s in zip(paths, results.values()):
+        s.save(path)
+    print(f"{stats.documents} documents, {stats.positions} tokens scored; wrote {', '.join(paths)}")
     if args.plot:
         from .corpus import CorpusStats
         from .plot import save_figure
         from .plot_corpus import plot_stats
-        drawn = {Path(args.out).stem: stats}
+        drawn = dict(results)
         for f in args.with_stats or []:
             drawn[Path(f).stem] = CorpusStats.load(f)
         save_figure(plot_stats(drawn), args.plot)
         print(f"wrote {args.plot}")
-    print(f"{'row':<8}{'KL(final)':>10}{'KL(input)':>10}{'entropy':>9}{'xent':>8}{'bits/B':>8}"
-          f"{'top1=final':>11}{'top1=next':>10}")
-    means = {k: stats.mean(k) for k in ("kl_final", "kl_input", "entropy", "next_xent", "agree_final",
-                                         "next_correct")}
-    for r, row in enumerate(stats.rows):
-        print(f"{row:<8}{means['kl_final'][r]:>10.3f}{means['kl_input'][r]:>10.3f}{means['entropy'][r]:>9.3f}"
-              f"{means['next_xent'][r]:>8.3f}{stats.bits_per_byte[r]:>8.3f}{means['agree_final'][r]:>11.3f}"
-              f"{means['next_correct'][r]:>10.3f}")
+    print(stats_table(results))
+    return 0
+
+
+def stats_table(results: dict) -> str:
+    """The per-row means of ``{name: CorpusStats}``: one table, or two lenses side by side."""
+    if len(results) == 1:
+        (stats,) = results.values()
+        lines = [f"{'row':<8}{'KL(final)':>10}{'KL(input)':>10}{'entropy':>9}{'xent':>8}{'bits/B':>8}"
+                 f"{'top1=final':>11}{'top1=next':>10}"]
+        means = {k: stats.mean(k) for k in ("kl_final", "kl_input", "entropy", "next_xent", "agree_final",
+                                             "next_correct")}
+        for r, row in enumerate(stats.rows):
+            lines.append(f"{row:<8}{means['kl_final'][r]:>10.3f}{means['kl_input'][r]:>10.3f}"
+                         f"{means['entropy'][r]:>9.3f}{means['next_xent'][r]:>8.3f}{stats.bits_per_byte[r]:>8.3f}"
+                         f"{means['agree_final'][r]:>11.3f}{means['next_correct'][r]:>10.3f}")
+        return "\n".join(lines)
+    (a_name, a), (b_name, b) = results.items()
+    columns = (("KL(final)", lambda s: s.mean("kl_final")), ("bits/B", lambda s: s.bits_per_byte),
+               ("top1=final", lambda s: s.mean("agree_final")), ("top1=next", lambda s: s.mean("next_correct")))
+    head = f"{'':<8}" + "".join(f"{name:>22}" for name, _ in columns)
+    sub = f"{'row':<8}" + f"{'logit':>11}{'tuned':>11}" * len(columns)
+    lines = [f"{a_name} and {b_name} on the same windows", head, sub]
+    values = [(f(a), f(b)) for _, f in columns]
+    for r, row in enumerate(a.rows):
+        lines.append(f"{row:<8}" + "".join(f"{x[r]:>11.3f}{y[r]:>11.3f}" for x, y in values))
+    return "\n".join(lines)
+
+
+def cmd_tune(args) -> int:
+    from .tuned import TunedLens, fit
+    from .tuned_fit import pack
+
+    _check_suffix(args.out, (".safetensors",), "--out")
+    _check_writable(args.out, "--out")
+    _check_corpus(args)
+    if args.method == "ridge":
+        given = [f"--{k.replace('_', '-')}" for k in ("steps", "tokens_per_step", "init", "checkpoint", "resume")
+                 if getattr(args, k) not in (None, False)]
+        if given:
+            raise UserError(f"{', '.join(given)} belong to --method kl; the ridge fit is one pass, solved once")
+    if args.checkpoint is not None:
+        _check_suffix(args.checkpoint, (".safetensors",), "--checkpoint")
+        _check_writable(args.checkpoint, "--checkpoint")
+    if args.resume and (args.checkpoint is None or not Path(args.checkpoint).is_file()):
+        raise UserError("--resume continues from --checkpoint FILE: give the checkpoint of the stopped run")
+    init = args.init or "ridge"
+    if init not in ("ridge", "identity") and not Path(init).is_file():
+        raise UserError(f"--init {init}: use ridge, identity, or a tuned lens file (.safetensors)")
+    model = _load(args)
+    if init not in ("ridge", "identity"):
+        init = TunedLens.load(init, model)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    ids = pack(model, _corpus(args)())  # [N] the corpus, packed with <|endoftext|> between texts
+    options = dict(window=args.window, sublayers=args.sublayers, ridge=args.ridge, progress=progress, ids=ids)
+    if args.method == "kl":
+        every = args.checkpoint_every if args.checkpoint_every is not None else (25 if args.checkpoint else 0)
+        options.update(init=init, steps=args.steps or 250, tokens_per_step=args.tokens_per_step or 2 ** 18,
+                       checkpoint=args.checkpoint, checkpoint_every=every, resume=args.resume)
+    lens = fit(model, None, method=args.method, **options)
+    lens.save(args.out)
+    print(f"{lens.description}: {len(lens.rows)} rows ({', '.join(lens.rows)}); wrote {args.out}")
     return 0
 
 
@@ -563,8 +677,12 @@ def _write_stream(model, tokens, out) -> list[int]:
 def cmd_generate(args) -> int:
     _check_suffix(args.lens_out, LENS_TYPES, "--lens-out")
     _check_writable(args.lens_out, "--lens-out")
+    if args.tuned and not args.lens_out:
+        raise UserError("--lens applies to the lens of the generation: give --lens-out FILE too")
+    _check_tuned_path(args)
     prompt = _read_text(args, "prompt")
     model = _load(args)
+    translator = _translator(model, args)
     ids = _encode(model, prompt, "prompt")
     if args.lens_out:  # the lens's options, before generation (the lens is read once it is done)
         _check_decoder_blocks(model, args)
@@ -589,7 +707,7 @@ def cmd_generate(args) -> int:
         sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
         lens = lens_of_generation(model, recorded["trace"], len(ids), len(new), sampling, step=args.step,
                                   sublayers=args.sublayers, include_input=not args.no_input, norm=args.norm,
-                                  decoder_blocks=args.decoder_blocks)
+                                  decoder_blocks=args.decoder_blocks, translator=translator)
         lens.save(args.lens_out)
         print(f"lens of the {len(new)} generated tokens saved to {args.lens_out}", file=sys.stderr)
     return 0
@@ -743,10 +861,24 @@ model's own logit exactly. --lens adds the target's logit under the logit lens a
     "stats": """examples:
   gpt2np stats corpus/ --model gpt2 --out stats.json
   gpt2np stats data.jsonl --model gpt2-xl --step 2 --window 1024 --stride 512 --out xl.json
+  gpt2np stats held-out/ --model gpt2 --lens gpt2-tuned.safetensors --out s.json --plot s.png
+      (the tuned lens beside the logit lens, on the same windows: s.json and s.tuned.json)
 
 Per row of the lens: mean KL(final || row), KL(input || row), entropy, next-token cross-entropy (nats
 and bits per byte), the share of positions whose top-1 is the final one, and the next-token accuracy;
 the JSON also holds rank histograms and the lock-in rows. Statistics files merge exactly.""",
+    "tune": """examples:
+  gpt2np tune corpus/ --model gpt2 --out gpt2-tuned.safetensors
+  gpt2np tune data.jsonl --model gpt2 --method kl --steps 50 --tokens-per-step 8192 \\
+      --checkpoint run.safetensors --out gpt2-kl.safetensors
+  gpt2np lens "The capital of France is" --model gpt2 --lens gpt2-tuned.safetensors
+  gpt2np stats held-out/ --model gpt2 --lens gpt2-tuned.safetensors --out s.json --plot s.png
+
+The tuned lens (Belrose et al. 2023): one affine map per row, h -> h + A h + b, before ln_f and the
+unembedding, fitted so that each row predicts the final distribution. ridge solves least squares
+from each row to the final stream in one pass (Din et al. 2023); kl minimises KL(final || row) with
+SGD (Nesterov momentum 0.9, weight decay 0.001, gradient clipping at 1, linear decay), by default
+from the ridge fit. A kl run needs steps x tokens-per-step tokens and refuses a smaller corpus.""",
     "info": """examples:
   gpt2np info gpt2-xl
   gpt2np info ./my-checkpoint""",
@@ -764,6 +896,8 @@ def _lens_options(p, when: str = "") -> None:
                         "and bias: the post's figures), raw (none)")
     p.add_argument("--decoder-blocks", type=_nonnegative, default=0, metavar="K",
                    help=f"{when}run the last K blocks inside the decoder (their rows are not shown)")
+    p.add_argument("--lens", dest="tuned", metavar="FILE", help=f"{when}the tuned lens: translate each row "
+                   "before the decoder with a lens from `gpt2np tune` (.safetensors) or a tuned-lens folder")
 
 
 def build_parser() -> Parser:
@@ -856,11 +990,35 @@ def build_parser() -> Parser:
     p.add_argument("--plot", metavar="FIGURE", help="draw each statistic per row (.png, .svg or .pdf)")
     p.add_argument("--with", dest="with_stats", action="append", metavar="STATS_JSON",
                    help="with --plot: overlay earlier statistics (other models or lenses); repeatable")
+    # --lens (in the lens options): the tuned lens beside the logit lens, its statistics in OUT.tuned.json
     p.add_argument("--dask", metavar="local:N|tcp://HOST:PORT", help="documents as Dask tasks: N worker processes "
                    "here, or the cluster of a running scheduler (pip install 'gpt2np[dask]')")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="a progress bar on standard error (default: when it is a terminal)")
     _lens_options(p)
+
+    p = command("tune", cmd_tune, "fit a tuned lens on a corpus (files, folders, .jsonl, -): ridge or the paper's "
+                "KL objective", [model])
+    p.add_argument("files", nargs="+", metavar="FILE", help="text files, folders of .txt/.jsonl, .jsonl files "
+                   "(a \"text\" field per line), or - for standard input")
+    p.add_argument("--out", required=True, metavar="FILE", help="write the tuned lens (.safetensors)")
+    p.add_argument("--method", choices=("ridge", "kl"), default="ridge",
+                   help="ridge: least squares from each row to the final stream, one pass (default); "
+                        "kl: the paper's objective and optimiser, from the ridge fit")
+    p.add_argument("--window", type=_positive, help="positions per forward pass (default: the context)")
+    p.add_argument("--sublayers", action="store_true", help="also fit the rows after each block's attention")
+    p.add_argument("--ridge", type=_finite, default=1e-3,
+                   help="the ridge term, relative to the streams' mean variance (default 0.001)")
+    p.add_argument("--steps", type=_positive, help="kl: optimiser steps (default 250)")
+    p.add_argument("--tokens-per-step", type=_positive, metavar="N",
+                   help="kl: new tokens per step (default 262144; the corpus must hold steps x N)")
+    p.add_argument("--init", metavar="ridge|identity|FILE", help="kl: where to start (default ridge)")
+    p.add_argument("--checkpoint", metavar="FILE", help="kl: save the run's state here (.safetensors)")
+    p.add_argument("--checkpoint-every", type=_nonnegative, metavar="N",
+                   help="kl: save every N steps (default 25 with --checkpoint)")
+    p.add_argument("--resume", action="store_true", help="kl: continue the run saved in --checkpoint")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar on standard error (default: when it is a terminal)")
 
     p = command("download", cmd_download, "download official checkpoints (four files each), with progress bars",
                 [])
@@ -890,7 +1048,7 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     if args.command is None:
-        print(f"{PROG}: error: choose a command: lens, plot, attribute, stats, generate, score, download, "
+        print(f"{PROG}: error: choose a command: lens, plot, attribute, stats, tune, generate, score, download, "
               f"info (see `{PROG} --help`)", file=sys.stderr)
         return 2
     try:

@@ -174,8 +174,6 @@ def read_published(folder: str | Path, model) -> TunedLens:
     unpickling, ``torchfile.py``). Translator i reads ``hidden_states[i]``: row ``input`` for i = 0, row
     ``i - 1`` after. Checked against ``model``'s width and depth; its fingerprint is recorded as the
     model's (tuned-lens's own hash field cannot be checked: see the README)."""
-    from .torchfile import read_state_dict
-
     folder = Path(folder)
     cfg_path, pt_path = folder / "config.json", folder / "params.pt"
     for p in (cfg_path, pt_path):
@@ -195,6 +193,8 @@ def read_published(folder: str | Path, model) -> TunedLens:
         if cfg[key] != want:
             raise ValueError(f"{cfg_path}: {key} = {cfg[key]}, but {model.name} has {want}: this lens is for "
                              f"{cfg.get('base_model_name_or_path', 'another model')}")
+    from .torchfile import read_state_dict
+
     state = read_state_dict(pt_path)
     L, D = c.n_layer, c.n_embd
     rows, weights, biases = [], [], []

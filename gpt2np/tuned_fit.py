@@ -369,7 +369,11 @@ def read_checkpoint(path, run: dict):
     """``(lens, buffers, step, history)`` of a checkpoint of the same run, or a ValueError that says what differs."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="numpy") as f:
+    try:
+        f = safe_open(str(path), framework="numpy")
+    except Exception as e:  # safetensors raises its own error type for a file that is not safetensors
+        raise ValueError(f"cannot read checkpoint {path}: {' '.join(str(e).split())}") from None
+    with f:
         meta = f.metadata() or {}
         if meta.get("format") != "gpt2np tuned lens checkpoint 1":
             raise ValueError(f"{path} is not a checkpoint of a gpt2np KL fit")

@@ -341,3 +341,79 @@ def test_read_published_refusals(tiny_model, tmp_path, torch):
     write_published(torch, tmp_path / "foreign", tiny_model, extra=Path("x"))  # a foreign object in the pickle
     with pytest.raises(ValueError, match="refus"):
         tuned.read_published(tmp_path / "foreign", tiny_model)
+
+
+# -------------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_the_command_line_fits_runs_and_compares_a_tuned_lens(tiny_checkpoint, tiny_model, tmp_path, capsys):
+    from gpt2np import cli
+    from gpt2np.corpus import CorpusStats, corpus_stats
+
+    m, ck = tiny_model, str(tiny_checkpoint)
+    train = [str(ROOT / "examples" / f) for f in ("gpt3_abstract.txt", "plasma.txt")]
+    out = tmp_path / "t.safetensors"
+    assert cli.main(["tune", *train, "--model", ck, "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    assert "wrote" in capsys.readouterr().out
+    t = TunedLens.load(out, m)
+    want = tuned.fit(m, TRAIN)  # the same corpus through the Python API
+    assert np.array_equal(t.weight, want.weight) and np.array_equal(t.bias, want.bias)
+    # gpt2np lens --lens: the saved lens equals the API's
+    assert cli.main(["lens", "the tuned lens", "--model", ck, "--lens", str(out), "--save",
+                     str(tmp_path / "l.npz")]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    got = gpt2np.Lens.load(tmp_path / "l.npz")
+    api = gpt2np.logit_lens(m, m.forward(m.encode("the tuned lens")), translator=t)
+    assert np.array_equal(got.kl_final, api.kl_final) and "tuned lens (ridge" in got.settings["translator"]
+    # gpt2np stats --lens: both lenses on the same windows, two files, one figure with both curves
+    held = tmp_path / "held.txt"
+    held.write_text(HELD_OUT)
+    s = tmp_path / "s.json"
+    assert cli.main(["stats", str(held), "--model", ck, "--lens", str(out), "--out", str(s), "--plot",
+                     str(tmp_path / "s.png"), "--no-progress"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "logit lens and tuned lens on the same windows" in printed and "s.tuned.json" in printed
+    logit, tl = CorpusStats.load(s), CorpusStats.load(tmp_path / "s.tuned.json")
+    serial = corpus_stats(m, [HELD_OUT], translator=t)
+    assert np.allclose(tl.kl_final, serial.kl_final, rtol=1e-12) and tl.settings == serial.settings
+    assert np.allclose(logit.kl_final, corpus_stats(m, [HELD_OUT]).kl_final, rtol=1e-12)
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    # kl with a checkpoint, then its result used as the init of another run
+    kl = tmp_path / "kl.safetensors"
+    code = cli.main(["tune", *train, "--model", ck, "--method", "kl", "--steps", "2", "--tokens-per-step", "64",
+                     "--window", "32", "--checkpoint", str(tmp_path / "run.safetensors"), "--checkpoint-every", "1",
+                     "--out", str(kl), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert "tuned lens (kl, 128 tokens" in capsys.readouterr().out
+    assert (tmp_path / "run.safetensors").is_file()
+    want = tuned.fit(m, TRAIN, method="kl", steps=2, tokens_per_step=64, window=32)
+    assert np.array_equal(TunedLens.load(kl, m).weight, want.weight)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tune", "{train}", "--out", "{tmp}/t.pt"], "unsupported file type .pt"),
+    (["tune", "{train}", "--out", "{tmp}/t.safetensors", "--steps", "3"], "--steps belong to --method kl"),
+    (["tune", "{tmp}/missing.txt", "--out", "{tmp}/t.safetensors"], "no such file or folder"),
+    (["tune", "{train}", "--out", "{tmp}/t.safetensors", "--method", "kl", "--resume"], "--resume continues from"),
+    (["tune", "{train}", "--out", "{tmp}/t.safetensors", "--method", "kl", "--init", "nowhere"], "--init nowhere"),
+    (["tune", "{train}", "--out", "{tmp}/t.safetensors", "--method", "kl"], "the corpus has 63 tokens, 250 steps of 262144"),
+    (["lens", "hi", "--lens", "{tmp}/missing.safetensors"], "no such file or folder"),
+    (["lens", "hi", "--lens", "{train}"], "give a tuned lens saved by `gpt2np tune`"),
+    (["lens", "hi", "--lens", "{tmp}", "--decoder-blocks", "1"], "give one of them"),
+    (["lens", "hi", "--lens", "{tmp}"], "config.json is missing"),
+    (["generate", "hi", "--lens", "{tmp}"], "give --lens-out FILE too"),
+    (["lens", "hi", "--lens", "{other}"], "fitted against other weights"),
+])
+def test_the_command_line_refuses_bad_tuned_lens_requests(tiny_checkpoint, make_checkpoint, tmp_path, capsys,
+                                                         argv, message):
+    from gpt2np import cli
+
+    other = tmp_path / "other.safetensors"
+    tuned.fit(gpt2np.load(make_checkpoint(seed=5, scale=3.0)), TRAIN[:1]).save(other)
+    fill = dict(train=str(ROOT / "examples" / "plasma.txt"), tmp=str(tmp_path), other=str(other))
+    argv = [a.format(**fill) for a in argv] + ["--model", str(tiny_checkpoint)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "t.safetensors").exists()
