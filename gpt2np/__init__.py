@@ -8,13 +8,14 @@
 from .api import Model, load, logit_lens
 from .attribute import attribute, decompose
 from .config import SIZES, Config
-from .corpus import CorpusStats, corpus_stats
+from .corpus import CorpusStats, compare_stats, corpus_stats
 from .lens import self_check
 from .result import Lens
 from .model import Trace
+from .tuned import TunedLens
 from .weights import download
 
-__all__ = ["Config", "CorpusStats", "Lens", "Model", "SIZES", "Trace", "attribute", "corpus_stats", "decompose", "download", "load", "logit_lens",
+__all__ = ["Config", "CorpusStats", "Lens", "Model", "SIZES", "Trace", "TunedLens", "attribute", "compare_stats", "corpus_stats", "decompose", "download", "load", "logit_lens",
            "plot_attribution", "plot_lens", "plot_views", "self_check"]
 __version__ = "0.1.0"
 
