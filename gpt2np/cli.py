@@ -286,10 +286,11 @@ def _check_figure_options(args) -> None:
     from . import plot as P
 
     views = args.view or ["logits"]
-    for path, _ in _figure_jobs(args.out, views):
+    html = Path(args.out).suffix.lower() == ".html"  # one page holding every view
+    for path, _ in ([(args.out, views)] if html else _figure_jobs(args.out, views)):
         _check_writable(path, "--out")
     smallest = P.size_of(1, 1)
-    if args.dpi > P.max_dpi(smallest):
+    if not html and args.dpi > P.max_dpi(smallest):
         raise UserError(f"--dpi {args.dpi} is too high: even the smallest figure ({smallest[0]:.1f} x "
                         f"{smallest[1]:.1f} inches) would exceed the limit of {P.MAX_MEGAPIXELS} megapixels; "
                         f"use --dpi {P.max_dpi(smallest)} or less")
@@ -344,7 +345,8 @@ def _figure_options(p: argparse.ArgumentParser) -> None:
                    help=f"what the colours show: {', '.join(VIEW_NAMES)} (default logits); repeat for several: "
                         "one grid figure, or one file each when --out contains {view}")
     p.add_argument("--out", metavar="FILE", help="write the figure to FILE (.png, .svg or .pdf); "
-                   "'{view}' in the name writes one file per view. Without --out a table is printed")
+                   "'{view}' in the name writes one file per view; .html writes one interactive page with every "
+                   "view (offline, self-contained). Without --out a table is printed")
     p.add_argument("--vmin", type=_finite, help="lower colour limit (default: the view's)")
     p.add_argument("--vmax", type=_finite, help="upper colour limit (default: the view's cap, e.g. KL 30, rank 100)")
     p.add_argument("--title", help="figure title (default: the view, model and decoder settings)")
@@ -355,6 +357,16 @@ def _figure_options(p: argparse.ArgumentParser) -> None:
 def _show(lens, args) -> int:
     """Write figures (--out) or print the table(s)."""
     views = args.view or ["logits"]
+    if args.out and Path(args.out).suffix.lower() == ".html":  # one page, every view; --view: the first shown
+        from .files import write_text
+        from .html import to_html
+
+        try:
+            write_text(args.out, to_html(lens, view=views[0], vmin=args.vmin, vmax=args.vmax, title=args.title))
+        except OSError as e:
+            raise UserError(f"cannot write {args.out}: {e.strerror or e}") from None
+        print(f"wrote {args.out}")
+        return 0
     if args.out:
         for path in _save_figures(lens, views, args.out, vmin=args.vmin, vmax=args.vmax, dpi=args.dpi,
                                   title=args.title):
@@ -374,7 +386,7 @@ def _show(lens, args) -> int:
 def cmd_lens(args) -> int:
     from .api import logit_lens
 
-    _check_suffix(args.out, FIGURE_TYPES, "--out")
+    _check_suffix(args.out, FIGURE_TYPES + (".html",), "--out")
     _check_suffix(args.save, LENS_TYPES, "--save")
     _check_writable(args.save, "--save")
     _check_figure_options(args)
@@ -632,7 +644,7 @@ def cmd_tune(args) -> int:
 def cmd_plot(args) -> int:
     from .result import Lens
 
-    _check_suffix(args.out, FIGURE_TYPES, "--out")
+    _check_suffix(args.out, FIGURE_TYPES + (".html",), "--out")
     _check_suffix(args.lens_file, LENS_TYPES, "LENS_FILE")
     _check_figure_options(args)
     path = Path(args.lens_file)

@@ -122,6 +122,20 @@ class Lens:
         set_("settings", _plain(self.settings, "settings"))
 
     # --- files ---------------------------------------------------------------------------------
+    def to_html(self, view: str = "logits", **options) -> str:
+        """One self-contained HTML page of this lens: the grid, every view, each cell's numbers on hover
+        (``gpt2np/html.py``; options ``title``, ``vmin``, ``vmax``)."""
+        from .html import to_html
+
+        return to_html(self, view=view, **options)
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the page in an iframe (its script and style kept apart from the notebook's)."""
+        import html
+
+        return (f'<iframe srcdoc="{html.escape(self.to_html(), quote=True)}" style="width:100%;height:520px;'
+                'border:1px solid #ddd" sandbox="allow-scripts"></iframe>')
+
     def to_dict(self) -> dict:
         """Plain Python (lists, numbers, strings; NaN as None) ready for ``json.dumps``."""
         out = {}
