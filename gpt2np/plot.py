@@ -44,6 +44,7 @@ from typing import Callable
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.collections import PatchCollection
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -63,6 +64,12 @@ CELL_FONT, TICK_FONT = 7.5, 8
 OUTLINE = "#e4572e"  # orange-red: visible on both ends of cividis
 BLANK = "#e6e6e6"  # cells without a value (next-rank at the last position)
 LITERAL = {"parse_math": False, "usetex": False}  # text properties: token text is drawn as it is
+
+# The widest figure drawn: 48 inches (7,200 pixels at the command line's 150 dpi). Cells keep their
+# readable width (CELL_W) up to TEXT_POSITIONS positions; a longer window is drawn narrower to fit, with
+# no cell text (a cell would be too narrow to read) and every n-th token on the axes, and says so.
+MAX_WIDTH = 48.0
+TEXT_POSITIONS = int((MAX_WIDTH - MARGIN_W) / CELL_W)  # 67
 
 # The largest image a figure may be saved as: 150 megapixels (600 MB of RGBA while drawing), and
 # Agg's own limit of 2**16 pixels a side. ``save_figure`` refuses larger sizes before drawing.
@@ -170,8 +177,14 @@ def figsize(lens, n_panels: int = 1) -> tuple[float, float]:
 
 
 def size_of(W: int, R: int, n_panels: int = 1) -> tuple[float, float]:
-    """``figsize`` of a window of W positions and R rows (``size_of(1, 1)``: the smallest figure)."""
-    return MARGIN_W + CELL_W * max(W, 4), n_panels * (MARGIN_H + CELL_H * max(R, 2))
+    """``figsize`` of a window of W positions and R rows (``size_of(1, 1)``: the smallest figure); never
+    wider than ``MAX_WIDTH``."""
+    return min(MARGIN_W + CELL_W * max(W, 4), MAX_WIDTH), n_panels * (MARGIN_H + CELL_H * max(R, 2))
+
+
+def has_text(lens) -> bool:
+    """Whether the figure of ``lens`` writes each cell's token: windows up to ``TEXT_POSITIONS`` positions."""
+    return lens.end - lens.start <= TEXT_POSITIONS
 
 
 def max_dpi(size: tuple[float, float]) -> int:
@@ -295,28 +308,36 @@ def _draw(ax, lens, view: str, *, vmin, vmax, cmap, title) -> None:
                    cmap=cm, norm=norm)
     ax.set_label(f"lens:{view}")
 
-    # cell texts, black on light cells and white on dark ones
-    rgba = im.to_rgba(np.ma.masked_invalid(data))  # [R, W, 4]
-    luma = rgba[..., :3] @ np.array([0.299, 0.587, 0.114])
-    for r in range(R):
-        for w in range(W):
-            ax.text(w, r, visible(lens.top_tokens[r, w, 0], CELL_CHARS), ha="center", va="center",
-                    fontsize=CELL_FONT, color="white" if luma[r, w] < 0.5 else "black", **LITERAL)
-    # outlines where the cell's top-1 is the final top-1
-    for r, w in zip(*np.nonzero(lens.matches_final)):
-        ax.add_patch(Rectangle((w - 0.46, r - 0.44), 0.92, 0.88, fill=False, edgecolor=OUTLINE, linewidth=1.4,
-                               gid="outline"))
+    # cell texts, black on light cells and white on dark ones (windows too long to read them: none)
+    text = has_text(lens)
+    if text:
+        rgba = im.to_rgba(np.ma.masked_invalid(data))  # [R, W, 4]
+        luma = rgba[..., :3] @ np.array([0.299, 0.587, 0.114])
+        for r in range(R):
+            for w in range(W):
+                ax.text(w, r, visible(lens.top_tokens[r, w, 0], CELL_CHARS), ha="center", va="center",
+                        fontsize=CELL_FONT, color="white" if luma[r, w] < 0.5 else "black", **LITERAL)
+    # outlines where the cell's top-1 is the final top-1: one collection, however many cells
+    boxes = [Rectangle((w - 0.46, r - 0.44), 0.92, 0.88) for r, w in zip(*np.nonzero(lens.matches_final))]
+    ax.add_collection(PatchCollection(boxes, facecolor="none", edgecolor=OUTLINE, linewidth=1.4 if text else 0.6,
+                                      gid="outline"))
 
     ax.set_yticks(range(R), labels=list(lens.rows), fontsize=TICK_FONT, **LITERAL)
-    ax.set_xticks(range(W), labels=[visible(t, TICK_CHARS) for t in lens.tokens[lens.start:lens.end]],
-                  rotation=45, ha="right", rotation_mode="anchor", fontsize=TICK_FONT, **LITERAL)
+    every = 1 if text else math.ceil(W / TEXT_POSITIONS)  # a long window: every n-th token on the axes
+    ticks = range(0, W, every)
+    inputs = [visible(t, TICK_CHARS) for t in lens.tokens[lens.start:lens.end]]
+    ax.set_xticks(ticks, labels=[inputs[w] for w in ticks], rotation=45, ha="right", rotation_mode="anchor",
+                  fontsize=TICK_FONT, **LITERAL)
     top = ax.secondary_xaxis("top")
-    top.set_xticks(range(W), labels=next_labels(lens), rotation=45, ha="left", rotation_mode="anchor",
+    nxt = next_labels(lens)
+    top.set_xticks(ticks, labels=[nxt[w] for w in ticks], rotation=45, ha="left", rotation_mode="anchor",
                    fontsize=TICK_FONT, **LITERAL)
     for a in (ax, top):
         a.tick_params(length=0)
     ax.set_ylabel("layer (row read by the lens)", fontsize=TICK_FONT, **LITERAL)
-    ax.set_xlabel("input token", fontsize=TICK_FONT, **LITERAL)
+    ax.set_xlabel("input token" if text else f"input token (one in {every} shown; no cell text: {W} positions "
+                  f"are more than the {TEXT_POSITIONS} a figure at most {MAX_WIDTH:g} inches wide can write; "
+                  "narrow the window or use an .html page)", fontsize=TICK_FONT, **LITERAL)
     top.set_xlabel("true next token  (* = final top-1 correct)", fontsize=TICK_FONT, **LITERAL)
     ax.set_title(title if title is not None else f"{v.title}\n{describe(lens)}", fontsize=10, loc="left",
                  **LITERAL)

@@ -112,9 +112,10 @@ def test_cell_text_contrasts_with_its_colour(lens):
 
 def test_outlines_mark_cells_whose_top1_is_the_final_top1(window_lens):
     ax = one_heatmap(P.plot_lens(window_lens, "ranks"))
-    boxes = [p for p in ax.patches if p.get_gid() == "outline"]
+    (outlines,) = [c for c in ax.collections if c.get_gid() == "outline"]
+    boxes = [p.vertices[:4] for p in outlines.get_paths()]  # each a rectangle's corners
     assert len(boxes) == window_lens.matches_final.sum() > 0
-    centres = {(round(b.get_x() + b.get_width() / 2), round(b.get_y() + b.get_height() / 2)) for b in boxes}
+    centres = {(round(b[:, 0].mean()), round(b[:, 1].mean())) for b in boxes}
     assert centres == {(w, r) for r, w in zip(*np.nonzero(window_lens.matches_final))}
     # the last row is the final distribution itself: every cell of it is outlined
     assert all((w, len(window_lens.rows) - 1) in centres for w in range(window_lens.end - window_lens.start))
@@ -351,3 +352,49 @@ def test_colour_limits_given_are_never_changed(lens):
     with pytest.raises(ValueError, match="vmax=nan must be a finite number"):
         P.limits(lens, "kl", vmax=float("nan"))
     assert P.limits(lens, "kl", vmin=5) == (5.0, 30.0)  # a limit that fits is used as given
+
+
+# -------------------------------------------------------------------------------------------------
+# Long windows: never wider than MAX_WIDTH, no cell text past TEXT_POSITIONS, a bounded number of artists
+
+
+@pytest.fixture(scope="module")
+def long_model(make_checkpoint):
+    return gpt2np.load(make_checkpoint(n_positions=4096))
+
+
+@pytest.mark.parametrize("T", [10, 100, 1000, 3000])
+def test_any_window_gives_a_figure_no_wider_than_the_limit(long_model, T):
+    m = long_model
+    lens = gpt2np.logit_lens(m, m.forward(np.arange(T) % 397), k=1)
+    R = len(lens.rows)
+    for fig in (P.plot_lens(lens, "kl"), P.plot_views(lens, ["logits", "ranks"])):
+        assert fig.get_size_inches()[0] <= P.MAX_WIDTH == 48
+        for ax in [a for a in fig.axes if a.get_label().startswith("lens:")]:
+            ticks = ax.get_xticklabels()
+            if T <= 67:  # every cell written, every token on the axis
+                assert len(ax.texts) == R * T and len(ticks) == T
+                assert "no cell text" not in ax.get_xlabel()
+            else:  # no cell text, said so; at most TEXT_POSITIONS tokens on each axis
+                assert len(ax.texts) == 0 and len(ticks) <= P.TEXT_POSITIONS
+                assert f"no cell text: {T} positions" in ax.get_xlabel()
+            (outlines,) = [c for c in ax.collections if c.get_gid() == "outline"]  # one artist for all outlines
+            assert len(outlines.get_paths()) == lens.matches_final.sum()
+    assert P.TEXT_POSITIONS == int((48 - P.MARGIN_W) / P.CELL_W)
+
+
+def test_the_command_line_draws_a_long_window_within_the_limit(long_model, tmp_path, capsys):
+    from gpt2np import cli
+
+    m = long_model
+    text = m.decode((np.arange(1200) * 7 % 397).tolist())
+    n = len(m.encode(text))
+    assert n > P.TEXT_POSITIONS
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "kl.png"
+    assert cli.main(["lens", "--file", str(tmp_path / "t.txt"), "--model", str(m.path), "--view", "kl",
+                     "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"{n} positions: the figure is 48 inches wide, without cell text" in err
+    w, h = int.from_bytes(out.read_bytes()[16:20], "big"), int.from_bytes(out.read_bytes()[20:24], "big")
+    assert w <= 48 * 150 and h < 48 * 150  # the PNG header's size: the stated limit at the default dpi
