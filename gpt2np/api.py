@@ -169,7 +169,7 @@ def _config_and_tokenizer(folder: Path) -> tuple[Config, tiktoken.Encoding]:
 def logit_lens(model: Model, trace, *, k: int = 5, step: int = 1, include_input: bool = True,
                sublayers: bool = False, start: int = 0, end: int | None = None, norm: str = "ln_f",
                decoder_blocks: int = 0, decoder: Decoder | None = None, translator=None,
-               chunk: int = lens.CHUNK, threads: int | None = None) -> Lens:
+               chunk: int = lens.CHUNK, threads: int | None = None, progress: bool = False) -> Lens:
     """The logit lens of ``trace``: every shown row read through the decoder, reduced to the lens quantities.
 
     The definition is ``gpt2np.lens.logit_lens``, a plain loop over the rows; this gives the same
@@ -191,6 +191,7 @@ def logit_lens(model: Model, trace, *, k: int = 5, step: int = 1, include_input:
     decoder : a ``gpt2np.decoder.Decoder`` instead of ``norm``, ``decoder_blocks`` and ``translator``
     chunk : positions per matrix product (bounds the memory)
     threads : NumPy only: threads for the products and reductions (default: the usable cores, at most 2)
+    progress : a progress bar on standard error (time left); silent by default
 
     Examples
     --------
@@ -199,7 +200,8 @@ def logit_lens(model: Model, trace, *, k: int = 5, step: int = 1, include_input:
     >>> lens.top_tokens[-1, :, 0]      # the final row's top-1 token at each position
     """
     options = dict(k=k, step=step, include_input=include_input, sublayers=sublayers, start=start, end=end,
-                   norm=norm, decoder_blocks=decoder_blocks, decoder=decoder, translator=translator, chunk=chunk)
+                   norm=norm, decoder_blocks=decoder_blocks, decoder=decoder, translator=translator, chunk=chunk,
+                   progress=progress)
     if backend.is_numpy(trace.resid) and backend.is_numpy(model.params.wte):
         return logit_lens_fast(model, trace, threads=threads, **options)
     return lens.logit_lens(model, trace, **options)

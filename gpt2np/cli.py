@@ -30,7 +30,6 @@ PROG = "gpt2np"
 VIEW_NAMES = ("logits", "probs", "ranks", "kl", "kl-input", "input-rank", "entropy", "next-rank")
 FIGURE_TYPES = (".png", ".svg", ".pdf")
 LENS_TYPES = (".npz", ".json")
-MAX_PIXELS = 60000  # Agg refuses images above 2**16 pixels a side: very wide windows get a lower dpi
 
 
 class UserError(Exception):
@@ -310,13 +309,17 @@ def _check_figure_options(args) -> None:
 
 def _save_figures(lens, views: list[str], out: str, *, vmin, vmax, dpi: int, title) -> list[str]:
     """Each figure of ``_figure_jobs``, its pixel size checked before it is drawn (``plot.check_pixels``);
-    very wide windows get a lower dpi (Agg draws at most 2**16 pixels a side)."""
+    a window too long for cell text is drawn without it, and said so on standard error."""
     from . import plot as P
 
+    if not P.has_text(lens):
+        print(f"{PROG}: {lens.end - lens.start} positions: the figure is {P.MAX_WIDTH:g} inches wide, without "
+              f"cell text (at most {P.TEXT_POSITIONS} positions have it); narrow the window with --start/--end, "
+              "or write an .html page", file=sys.stderr)
     jobs = []
     for path, vs in _figure_jobs(out, views):  # every size checked before the first figure is drawn
         size = P.figsize(lens, len(vs))
-        at = min(dpi, MAX_PIXELS / max(size))
+        at = dpi
         try:
             P.check_pixels(size, at)
         except ValueError:
@@ -408,7 +411,8 @@ def cmd_lens(args) -> int:
     trace = model.forward(ids, sublayers=args.sublayers)
     lens = logit_lens(model, trace, k=args.top_k, step=args.step, include_input=not args.no_input,
                       sublayers=args.sublayers, start=start, end=end, norm=args.norm,
-                      decoder_blocks=args.decoder_blocks, translator=translator)
+                      decoder_blocks=args.decoder_blocks, translator=translator,
+                      progress=sys.stderr.isatty() and not args.quiet)
     if args.save:
         try:
             lens.save(args.save)
@@ -719,7 +723,8 @@ def cmd_generate(args) -> int:
         sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
         lens = lens_of_generation(model, recorded["trace"], len(ids), len(new), sampling, step=args.step,
                                   sublayers=args.sublayers, include_input=not args.no_input, norm=args.norm,
-                                  decoder_blocks=args.decoder_blocks, translator=translator)
+                                  decoder_blocks=args.decoder_blocks, translator=translator,
+                                  progress=sys.stderr.isatty() and not args.quiet)
         lens.save(args.lens_out)
         print(f"lens of the {len(new)} generated tokens saved to {args.lens_out}", file=sys.stderr)
     return 0
@@ -947,6 +952,8 @@ def build_parser() -> Parser:
     p = command("lens", cmd_lens, "the logit lens of a text: a figure of the post, a table, or a saved result",
                 [model])
     text_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar (shown on standard error when it is a "
+                   "terminal)")
     p.add_argument("--start", type=int, help="first position drawn (default 0; negative counts from the end)")
     p.add_argument("--end", type=int, help="one past the last position drawn (default: the end of the text)")
     _lens_options(p)
@@ -960,6 +967,8 @@ def build_parser() -> Parser:
 
     p = command("generate", cmd_generate, "continue a prompt, printing tokens as they come", [model])
     text_args(p, "PROMPT")
+    p.add_argument("--quiet", action="store_true", help="with --lens-out: no progress bar for the lens (shown on "
+                   "standard error when it is a terminal)")
     p.add_argument("--max-new-tokens", type=_nonnegative, default=50, metavar="N", help="default 50")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
     p.add_argument("--top-k", type=_positive, help="sample among the K most probable tokens")

@@ -31,7 +31,7 @@ CHUNK = 512  # positions per matrix product: [512, 50257] float32 = 103 MB
 
 def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool = True, sublayers: bool = False,
                start: int = 0, end: int | None = None, norm: str = "ln_f", decoder_blocks: int = 0,
-               decoder: Decoder | None = None, translator=None, chunk: int = CHUNK) -> Lens:
+               decoder: Decoder | None = None, translator=None, chunk: int = CHUNK, progress: bool = False) -> Lens:
     """Read every shown row of ``trace`` through the decoder and reduce it to the lens quantities.
 
     Parameters
@@ -49,6 +49,7 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
         the normalisation (the tuned lens); other rows are read as the logit lens reads them.
     decoder : a ``Decoder`` instead of ``norm``, ``decoder_blocks`` and ``translator``.
     chunk : positions per matrix product (memory is a few ``[chunk, V]`` arrays).
+    progress : a progress bar on standard error (rows done, time left); silent by default.
 
     Returns
     -------
@@ -62,6 +63,7 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
     Wt = xp.permute_dims(model.params.unembed, (1, 0))  # [D, V] a view
     ids = to_numpy(trace.ids).astype(np.int64)  # [T]
     out = empty_cells(len(rows), end - start, k)
+    bar = progress_bar(progress, len(rows) * len(range(start, end, chunk)), "row")
     for a in range(start, end, chunk):
         b = min(a + chunk, end)
         w = slice(a - start, b - start)  # these positions in the window
@@ -90,10 +92,19 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
             }
             for name, value in cells.items():
                 out[name][r, w] = to_numpy(value)
+            bar.update()
         out["next_rank"][:, w][:, nxt < 0] = -1  # no next token after the sequence's last
         out["next_xent"][:, w][:, nxt < 0] = np.nan
+    bar.close()
     out["next_prob"] = np.exp(-out["next_xent"])
     return assemble(model, ids, rows, start, end, out, settings(k, step, include_input, sublayers, dec, model))
+
+
+def progress_bar(progress: bool, total: int, unit: str):
+    """A tqdm bar on standard error, ``total`` steps of ``unit`` (with the time left); off unless ``progress``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, desc="lens", disable=not progress, dynamic_ncols=True)
 
 
 def log_softmax(z):

@@ -29,6 +29,7 @@ changes is how the work is laid out:
 from __future__ import annotations
 
 import itertools
+import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ import numpy as np
 from .backend import usable_cores
 from .decoder import INPUT, Decoder
 from .fast import _blas_controller, _empty_small_pages
-from .lens import CHUNK, assemble, check_options, empty_cells, settings
+from .lens import CHUNK, assemble, check_options, empty_cells, progress_bar, settings
 from .result import Lens, next_ids
 
 # A logit's reductions cost about as much one-core time as this many multiply-adds of the products.
@@ -51,9 +52,9 @@ REDUCE_MACS = 144
 def logit_lens_fast(model, trace, *, k: int = 5, step: int = 1, include_input: bool = True,
                     sublayers: bool = False, start: int = 0, end: int | None = None, norm: str = "ln_f",
                     decoder_blocks: int = 0, decoder: Decoder | None = None, translator=None,
-                    chunk: int = CHUNK, threads: int | None = None) -> Lens:
+                    chunk: int = CHUNK, threads: int | None = None, progress: bool = False) -> Lens:
     """``lens.logit_lens`` for NumPy arrays, faster; the same arguments, and ``threads`` (default: the
-    usable cores, at most 2; 1 without threadpoolctl)."""
+    usable cores, at most 2; 1 without threadpoolctl). ``progress``: a bar over the matrix products."""
     rows, dec, start, end = check_options(model, trace, k=k, step=step, include_input=include_input,
                                           sublayers=sublayers, start=start, end=end, norm=norm,
                                           decoder_blocks=decoder_blocks, decoder=decoder, translator=translator,
@@ -157,14 +158,23 @@ def logit_lens_fast(model, trace, *, k: int = 5, step: int = 1, include_input: b
             x = group[0][1] if len(group) == 1 else np.concatenate([xh for _, xh in group])
             yield (x, W_unT, z_buf(len(group) * C)), reduce_group(group), len(group) * C * V, False
 
+    n_chunks = len(range(0, Wn, chunk))
+    products = n_chunks * ((4 if per == 1 else 2) + math.ceil(len(others) / per))  # the steps chunk_steps yields
     try:
-        with blas_limit:
-            run_steps(itertools.chain.from_iterable(chunk_steps(c0, min(c0 + chunk, Wn))
-                                                    for c0 in range(0, Wn, chunk)), work)
+        with blas_limit, progress_bar(progress, products, "product") as bar:
+            run_steps(_ticking(itertools.chain.from_iterable(chunk_steps(c0, min(c0 + chunk, Wn))
+                                                             for c0 in range(0, Wn, chunk)), bar), work)
     finally:
         if work.pool is not None:
             work.pool.shutdown()
     return assemble(model, ids, rows, start, end, out, settings(k, step, include_input, sublayers, dec, model))
+
+
+def _ticking(steps, bar):
+    """The steps, the progress bar advanced as each one is taken."""
+    for step in steps:
+        yield step
+        bar.update()
 
 
 # -------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ thread counts agree, the cut of a product depends on its shapes alone, memory st
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 import tracemalloc
 
@@ -293,3 +294,43 @@ def test_no_float64_block_arrays(case, monkeypatch):
     monkeypatch.setattr(np, "exp", spy)
     lens_fast.logit_lens_fast(m, tr)
     assert seen and all(d == np.float32 for d in seen), set(seen)
+
+
+# -------------------------------------------------------------------------------------------------
+# Progress
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_a_progress_bar_only_when_asked_and_the_same_lens(tiny_model, capsys, fast):
+    import re
+
+    from gpt2np import lens as plain
+
+    m = tiny_model
+    tr = m.forward(m.encode("the progress bar of a long lens, here a short one") * 1, sublayers=True)
+    run = gpt2np.logit_lens if fast else plain.logit_lens
+    quiet = run(m, tr, sublayers=True, chunk=4)
+    assert capsys.readouterr().err == ""  # the Python API is silent unless asked
+    shown = run(m, tr, sublayers=True, chunk=4, progress=True)
+    err = capsys.readouterr().err
+    T, R = len(tr.ids), len(quiet.rows)
+    total = R * -(-T // 4) if not fast else None  # plain: rows x chunks
+    done = re.findall(r"lens: +100%\|.*?\| (\d+)/(\d+)", err)
+    assert done and done[-1][0] == done[-1][1], err  # the bar reached its total
+    if total is not None:
+        assert int(done[-1][1]) == total
+    for name in ("top_ids", "kl_final", "entropy"):
+        assert np.array_equal(getattr(shown, name), getattr(quiet, name))
+
+
+def test_the_command_line_bar_is_off_with_quiet_or_without_a_terminal(tiny_checkpoint, capsys, monkeypatch):
+    from gpt2np import cli
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert cli.main(["lens", "hello there", "--model", str(tiny_checkpoint), "--quiet"]) == 0
+    assert "lens:" not in capsys.readouterr().err
+    assert cli.main(["lens", "hello there", "--model", str(tiny_checkpoint)]) == 0
+    assert "lens:" in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert cli.main(["lens", "hello there", "--model", str(tiny_checkpoint)]) == 0
+    assert "lens:" not in capsys.readouterr().err
