@@ -31,15 +31,7 @@ import gpt2np  # noqa: E402
 from gpt2np.config import SIZES  # noqa: E402
 from gpt2np.files import write_text  # noqa: E402
 from gpt2np.tuned_fit import fit_kl, fit_ridge  # noqa: E402
-
-
-def blas() -> str:
-    try:
-        from threadpoolctl import threadpool_info
-        return "; ".join(f"{p['internal_api']} {p.get('version')} ({p.get('architecture')}) {p['num_threads']} threads"
-                         for p in threadpool_info())
-    except ImportError:
-        return "threadpoolctl not installed"
+from bench_corpus import blas  # noqa: E402  (the BLAS kernel that ran, as threadpoolctl reports it)
 
 
 def main(argv=None) -> None:
