@@ -185,7 +185,7 @@ h1{{font-size:17px;margin:0 0 6px}} .how{{max-width:70em;color:#444;margin:0 0 1
 .views button{{font:inherit;padding:3px 9px;margin:0 3px 3px 0;border:1px solid #999;border-radius:3px;
 background:#f4f4f4;cursor:pointer}}
 .views button[aria-pressed=true]{{background:#333;color:#fff;border-color:#333}}
-.legend{{width:320px}} .legend .label{{font-weight:600}} .legend .note{{color:#555;font-size:12px}}
+.legend{{width:400px}} .legend .label{{font-weight:600}} .legend .note{{color:#555;font-size:12px}}
 .cbar{{height:14px;border:1px solid #888}} .ticks{{position:relative;height:16px;font-size:12px}}
 .ticks span{{position:absolute;transform:translateX(-50%)}}
 .swatch{{display:inline-block;width:12px;height:12px;border:1px solid #888;vertical-align:-2px}}
@@ -271,10 +271,10 @@ JS = r"""
     panel.hidden = false;
   }
 
-  function place(e) {  // beside the pointer, inside the window
-    var x = e.clientX + 14, y = e.clientY + 14, b = panel.getBoundingClientRect();
-    if (x + b.width > innerWidth - 4) x = Math.max(4, e.clientX - b.width - 14);
-    if (y + b.height > innerHeight - 4) y = Math.max(4, e.clientY - b.height - 14);
+  function place(e) {  // beside the pointer (right, else left), as low as fits in the window
+    var b = panel.getBoundingClientRect(), x = e.clientX + 24;
+    if (x + b.width > innerWidth - 4) x = Math.max(4, e.clientX - b.width - 24);
+    var y = Math.max(4, Math.min(e.clientY - 20, innerHeight - b.height - 4));
     panel.style.left = x + "px";
     panel.style.top = y + "px";
   }
