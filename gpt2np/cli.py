@@ -2,6 +2,7 @@
 
     gpt2np lens "We train GPT-3, an autoregressive language model" --view kl --out kl.png
     gpt2np plot lens.npz --view ranks --out ranks.svg
+    gpt2np lens "The logit lens" --view kl --out lens.html      # interactive, one self-contained file
     gpt2np attribute "The Eiffel Tower is in the city of" --target " Paris" --heads --out attr.png
     gpt2np generate "The logit lens" --max-new-tokens 30 --seed 0
     gpt2np score "The logit lens reads the residual stream." --json
@@ -29,6 +30,7 @@ from pathlib import Path
 PROG = "gpt2np"
 VIEW_NAMES = ("logits", "probs", "ranks", "kl", "kl-input", "input-rank", "entropy", "next-rank")
 FIGURE_TYPES = (".png", ".svg", ".pdf")
+PAGE_TYPES = (".html",)  # lens and plot: one self-contained page with every view (gpt2np/html.py)
 LENS_TYPES = (".npz", ".json")
 
 
@@ -285,8 +287,8 @@ def _check_figure_options(args) -> None:
     from . import plot as P
 
     views = args.view or ["logits"]
-    html = Path(args.out).suffix.lower() == ".html"  # one page holding every view
-    for path, _ in ([(args.out, views)] if html else _figure_jobs(args.out, views)):
+    html = Path(args.out).suffix.lower() in PAGE_TYPES  # a page: no pixels, no dpi
+    for path, _ in _figure_jobs(args.out, views):
         _check_writable(path, "--out")
     smallest = P.size_of(1, 1)
     if not html and args.dpi > P.max_dpi(smallest):
@@ -309,15 +311,19 @@ def _check_figure_options(args) -> None:
 
 def _save_figures(lens, views: list[str], out: str, *, vmin, vmax, dpi: int, title) -> list[str]:
     """Each figure of ``_figure_jobs``, its pixel size checked before it is drawn (``plot.check_pixels``);
-    a window too long for cell text is drawn without it, and said so on standard error."""
+    a window too long for cell text is drawn without it, and said so on standard error. A ``.html`` file is
+    the page of ``html.to_html`` instead, opening on the first of its views (every view is in the page)."""
     from . import plot as P
 
-    if not P.has_text(lens):
+    if not P.has_text(lens) and Path(out).suffix.lower() not in PAGE_TYPES:
         print(f"{PROG}: {lens.end - lens.start} positions: the figure is {P.MAX_WIDTH:g} inches wide, without "
               f"cell text (at most {P.TEXT_POSITIONS} positions have it); narrow the window with --start/--end, "
               "or write an .html page", file=sys.stderr)
     jobs = []
     for path, vs in _figure_jobs(out, views):  # every size checked before the first figure is drawn
+        if Path(path).suffix.lower() in PAGE_TYPES:
+            jobs.append((path, vs, None))
+            continue
         size = P.figsize(lens, len(vs))
         at = dpi
         try:
@@ -329,6 +335,16 @@ def _save_figures(lens, views: list[str], out: str, *, vmin, vmax, dpi: int, tit
         jobs.append((path, vs, at))
     written = []
     for path, vs, at in jobs:
+        if at is None:  # a page: its size is the browser's business
+            from .files import write_text
+            from .html import to_html
+            page = to_html(lens, view=vs[0], title=title, vmin={v: vmin for v in vs}, vmax={v: vmax for v in vs})
+            try:
+                write_text(path, page)
+            except OSError as e:
+                raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+            written.append(path)
+            continue
         if len(vs) == 1:
             fig = P.plot_lens(lens, vs[0], vmin=vmin, vmax=vmax, title=title)
         else:
@@ -347,9 +363,9 @@ def _figure_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--view", action="append", choices=VIEW_NAMES, metavar="VIEW",
                    help=f"what the colours show: {', '.join(VIEW_NAMES)} (default logits); repeat for several: "
                         "one grid figure, or one file each when --out contains {view}")
-    p.add_argument("--out", metavar="FILE", help="write the figure to FILE (.png, .svg or .pdf); "
-                   "'{view}' in the name writes one file per view; .html writes one interactive page with every "
-                   "view (offline, self-contained). Without --out a table is printed")
+    p.add_argument("--out", metavar="FILE", help="write the figure to FILE (.png, .svg or .pdf), or an interactive "
+                   "page with every view (.html, self-contained: it fetches nothing); '{view}' in the name writes "
+                   "one file per view. Without --out a table is printed")
     p.add_argument("--vmin", type=_finite, help="lower colour limit (default: the view's)")
     p.add_argument("--vmax", type=_finite, help="upper colour limit (default: the view's cap, e.g. KL 30, rank 100)")
     p.add_argument("--title", help="figure title (default: the view, model and decoder settings)")
@@ -360,16 +376,6 @@ def _figure_options(p: argparse.ArgumentParser) -> None:
 def _show(lens, args) -> int:
     """Write figures (--out) or print the table(s)."""
     views = args.view or ["logits"]
-    if args.out and Path(args.out).suffix.lower() == ".html":  # one page, every view; --view: the first shown
-        from .files import write_text
-        from .html import to_html
-
-        try:
-            write_text(args.out, to_html(lens, view=views[0], vmin=args.vmin, vmax=args.vmax, title=args.title))
-        except OSError as e:
-            raise UserError(f"cannot write {args.out}: {e.strerror or e}") from None
-        print(f"wrote {args.out}")
-        return 0
     if args.out:
         for path in _save_figures(lens, views, args.out, vmin=args.vmin, vmax=args.vmax, dpi=args.dpi,
                                   title=args.title):
@@ -389,7 +395,7 @@ def _show(lens, args) -> int:
 def cmd_lens(args) -> int:
     from .api import logit_lens
 
-    _check_suffix(args.out, FIGURE_TYPES + (".html",), "--out")
+    _check_suffix(args.out, FIGURE_TYPES + PAGE_TYPES, "--out")
     _check_suffix(args.save, LENS_TYPES, "--save")
     _check_writable(args.save, "--save")
     _check_figure_options(args)
@@ -648,7 +654,7 @@ def cmd_tune(args) -> int:
 def cmd_plot(args) -> int:
     from .result import Lens
 
-    _check_suffix(args.out, FIGURE_TYPES + (".html",), "--out")
+    _check_suffix(args.out, FIGURE_TYPES + PAGE_TYPES, "--out")
     _check_suffix(args.lens_file, LENS_TYPES, "LENS_FILE")
     _check_figure_options(args)
     path = Path(args.lens_file)
@@ -853,6 +859,7 @@ the model still reads the whole text. Text longer than the context is an error, 
     "plot": """examples:
   gpt2np lens "The logit lens" --save lens.npz
   gpt2np plot lens.npz --view ranks --view kl --out grid.pdf
+  gpt2np plot lens.npz --view kl --out lens.html   # every view in one page; hover a cell for its numbers
   gpt2np plot lens.json                      # the table of top-1 tokens""",
     "generate": """examples:
   gpt2np generate "The logit lens is" --max-new-tokens 40 --seed 0

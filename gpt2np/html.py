@@ -65,10 +65,10 @@ def to_html(lens, *, view: str = "logits", title: str | None = None, vmin=None, 
 <style>{CSS}</style></head>
 <body>
 <h1>{_e(title)}</h1>
-<p class="how">Rows are the residual stream read by the lens, <code>input</code> at the bottom; columns are positions.
-Cells show the row's top-1 token (<code>·</code> a space, <code>↵</code> a newline); <span class="m-key">outlined</span>
-cells already agree with the final top-1; <code>*</code> marks the positions whose final top-1 is the true next
-token. Hover a cell for its numbers.</p>
+<p class="how">Rows are the residual stream read by the lens, <code>input</code> at the bottom; columns are
+positions. Cells show the row's top-1 token (<code>·</code> a space, <code>↵</code> a newline);
+<span class="m-key">outlined</span> cells already agree with the final top-1; <code>*</code> marks the positions
+whose final top-1 is the true next token. Hover a cell for its numbers.</p>
 <div class="bar"><div class="views" role="group" aria-label="view">{buttons}</div>{legends}</div>
 <div class="scroll">{_grid(lens, scales[view])}</div>
 <details><summary>settings</summary><pre>{settings}</pre></details>
@@ -111,7 +111,8 @@ def _scale(lens, view: str, vmin, vmax) -> dict:
     ticks = [t for t in locator.tick_values(lo, hi) if lo <= t <= hi]
     stops = [f"{_hex(cm(x))} {100 * x:.0f}%" for x in np.linspace(0, 1, 11)]
     capped = view != "probs" and (v.vmax is not None or vmax is not None)
-    return {"bg": "".join(f"{r:02x}{g:02x}{b:02x}" for r, g, b in rgb), "light": "".join("1" if x < 0.5 else "0" for x in luma),
+    return {"bg": "".join(f"{r:02x}{g:02x}{b:02x}" for r, g, b in rgb),
+            "light": "".join("1" if x < 0.5 else "0" for x in luma),  # white text on dark cells, as plot.py
             "label": v.title + (f" (capped at {hi:g})" if capped else ""), "gradient": ", ".join(stops),
             "ticks": [(float(norm(t)), f"{t:g}") for t in ticks], "blank": view == "next-rank"}
 
@@ -126,7 +127,8 @@ def _legend(view: str, s: dict, shown: bool) -> str:
     blank = f'<span class="swatch" style="background:{BLANK}"></span> no next token' if s["blank"] else ""
     return (f'<div class="legend" data-legend="{_e(view)}"{"" if shown else " hidden"}><div class="label">'
             f'{_e(s["label"])}</div><div class="cbar" style="background:linear-gradient(to right, {s["gradient"]})">'
-            f'</div><div class="ticks">{ticks}</div><div class="note">light = good{blank and " · " + blank}</div></div>')
+            f'</div><div class="ticks">{ticks}</div>'
+            f'<div class="note">light = good{blank and " · " + blank}</div></div>')
 
 
 def _grid(lens, scale: dict) -> str:
@@ -180,16 +182,18 @@ body{{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:16px;co
 h1{{font-size:17px;margin:0 0 6px}} .how{{max-width:70em;color:#444;margin:0 0 10px}}
 .m-key{{outline:2px solid {OUTLINE};outline-offset:1px}}
 .bar{{display:flex;flex-wrap:wrap;align-items:flex-start;gap:10px 24px;margin-bottom:10px}}
-.views button{{font:inherit;padding:3px 9px;margin:0 3px 3px 0;border:1px solid #999;border-radius:3px;background:#f4f4f4;cursor:pointer}}
+.views button{{font:inherit;padding:3px 9px;margin:0 3px 3px 0;border:1px solid #999;border-radius:3px;
+background:#f4f4f4;cursor:pointer}}
 .views button[aria-pressed=true]{{background:#333;color:#fff;border-color:#333}}
-.legend{{width:320px}} .legend .label{{font-weight:600}} .legend .note{{color:#555;font-size:12px}}
+.legend{{width:400px}} .legend .label{{font-weight:600}} .legend .note{{color:#555;font-size:12px}}
 .cbar{{height:14px;border:1px solid #888}} .ticks{{position:relative;height:16px;font-size:12px}}
 .ticks span{{position:absolute;transform:translateX(-50%)}}
 .swatch{{display:inline-block;width:12px;height:12px;border:1px solid #888;vertical-align:-2px}}
 .scroll{{overflow:auto;max-height:82vh;border:1px solid #ddd}}
 #grid{{table-layout:fixed;border-collapse:separate;border-spacing:1px;font-size:12px}}
 #grid col.labels{{width:96px}} #grid col{{width:{CELL_PX}px}}
-#grid td,#grid th{{overflow:hidden;text-overflow:ellipsis;white-space:pre;text-align:center;padding:2px 1px;height:17px}}
+#grid td,#grid th{{overflow:hidden;text-overflow:ellipsis;white-space:pre;text-align:center;padding:2px 1px;
+height:17px}}
 #grid td{{font-family:ui-monospace,Menlo,Consolas,monospace;cursor:default}}
 #grid td.m{{outline:2px solid {OUTLINE};outline-offset:-2px}}
 #grid td:hover{{outline:2px solid #000;outline-offset:-2px}}
@@ -198,10 +202,11 @@ h1{{font-size:17px;margin:0 0 6px}} .how{{max-width:70em;color:#444;margin:0 0 1
 #grid th.tok{{font-family:ui-monospace,Menlo,Consolas,monospace;font-weight:normal}}
 #grid tr.pos th{{color:#777;font-weight:normal}}
 details{{margin-top:10px;color:#555}} pre{{font-size:12px}}
-#panel{{position:fixed;z-index:10;background:#fffffa;border:1px solid #666;box-shadow:0 2px 8px #0004;padding:8px 10px;
-max-width:360px;font-size:13px;pointer-events:none}}
-#panel table{{border-collapse:collapse}} #panel td{{padding:0 6px 0 0}} #panel .tok{{font-family:ui-monospace,Menlo,monospace}}
-#panel .num{{text-align:right;font-variant-numeric:tabular-nums}} #panel h2{{font-size:13px;margin:6px 0 2px}}
+#panel{{position:fixed;z-index:10;background:#fffffa;border:1px solid #666;box-shadow:0 2px 8px #0004;
+padding:8px 10px;max-width:440px;font-size:13px;pointer-events:none}}
+#panel table{{border-collapse:collapse}} #panel td{{padding:0 6px 0 0}}
+#panel .tok{{font-family:ui-monospace,Menlo,monospace}} #panel h2{{font-size:13px;margin:6px 0 2px}}
+#panel .num{{white-space:nowrap;text-align:right;font-variant-numeric:tabular-nums}}
 """
 
 JS = r"""
@@ -240,9 +245,9 @@ JS = r"""
     return e;
   }
 
-  function line(table, cls, texts) {
+  function line(table, cls, first, texts) {  // one table row: `first` the class of its first cell
     var tr = el("tr", undefined, cls);
-    texts.forEach(function (t, i) { tr.appendChild(el("td", t, i ? "num" : "tok")); });
+    texts.forEach(function (t, i) { tr.appendChild(el("td", t, i ? "num" : first)); });
     table.appendChild(tr);
   }
 
@@ -255,21 +260,21 @@ JS = r"""
     panel.appendChild(el("h2", "top-" + D.top_tokens[r][w].length + ": token, probability, logit"));
     var top = el("table", undefined, "top");
     D.top_tokens[r][w].forEach(function (t, i) {
-      line(top, "topk", [t, num(D.top_probs[r][w][i], "p"), num(D.top_logits[r][w][i], "")]);
+      line(top, "topk", "tok", [t, num(D.top_probs[r][w][i], "p"), num(D.top_logits[r][w][i], "")]);
     });
     panel.appendChild(top);
     panel.appendChild(el("h2", "lens quantities"));
     var q = el("table", undefined, "quantities");
-    D.quantities.forEach(function (k) { line(q, "q", [k.label, num(k.values[r][w], k.unit)]); });
-    line(q, "q", ["lock-in row (top-1 = final from here)", D.lock_in[w] === null ? "–" : D.lock_in[w]]);
+    D.quantities.forEach(function (k) { line(q, "q", "name", [k.label, num(k.values[r][w], k.unit)]); });
+    line(q, "q", "name", ["lock-in row (top-1 = final from here)", D.lock_in[w] === null ? "–" : D.lock_in[w]]);
     panel.appendChild(q);
     panel.hidden = false;
   }
 
-  function place(e) {  // beside the pointer, inside the window
-    var x = e.clientX + 14, y = e.clientY + 14, b = panel.getBoundingClientRect();
-    if (x + b.width > innerWidth - 4) x = Math.max(4, e.clientX - b.width - 14);
-    if (y + b.height > innerHeight - 4) y = Math.max(4, e.clientY - b.height - 14);
+  function place(e) {  // beside the pointer (right, else left), as low as fits in the window
+    var b = panel.getBoundingClientRect(), x = e.clientX + 24;
+    if (x + b.width > innerWidth - 4) x = Math.max(4, e.clientX - b.width - 24);
+    var y = Math.max(4, Math.min(e.clientY - 20, innerHeight - b.height - 4));
     panel.style.left = x + "px";
     panel.style.top = y + "px";
   }

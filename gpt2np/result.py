@@ -121,21 +121,22 @@ class Lens:
             raise ValueError(f"Lens settings must be a dict, got {type(self.settings).__name__}")
         set_("settings", _plain(self.settings, "settings"))
 
-    # --- files ---------------------------------------------------------------------------------
-    def to_html(self, view: str = "logits", **options) -> str:
-        """One self-contained HTML page of this lens: the grid, every view, each cell's numbers on hover
-        (``gpt2np/html.py``; options ``title``, ``vmin``, ``vmax``)."""
-        from .html import to_html
+    # --- pages ---------------------------------------------------------------------------------
+    def to_html(self, *, view: str = "logits", title: str | None = None, vmin=None, vmax=None) -> str:
+        """The lens as one self-contained HTML page (every view, a panel per cell): ``gpt2np.html.to_html``."""
+        from .html import to_html  # lazily: html.py imports plot.py (matplotlib)
 
-        return to_html(self, view=view, **options)
+        return to_html(self, view=view, title=title, vmin=vmin, vmax=vmax)
 
     def _repr_html_(self) -> str:
-        """In a notebook: the page in an iframe (its script and style kept apart from the notebook's)."""
+        """In a notebook: the page of ``to_html`` in a sandboxed iframe, so its script and style stay its own."""
         import html
 
-        return (f'<iframe srcdoc="{html.escape(self.to_html(), quote=True)}" style="width:100%;height:520px;'
-                'border:1px solid #ddd" sandbox="allow-scripts"></iframe>')
+        height = min(900, 330 + 23 * (len(self.rows) + 3))  # the grid, the header and room for the panel
+        return (f'<iframe srcdoc="{html.escape(self.to_html(), quote=True)}" sandbox="allow-scripts" '
+                f'style="width:100%;height:{height}px;border:0" title="logit lens"></iframe>')
 
+    # --- files ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """Plain Python (lists, numbers, strings; NaN as None) ready for ``json.dumps``."""
         out = {}
