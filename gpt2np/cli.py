@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import sys
+import textwrap
 import unicodedata
 import warnings
 from pathlib import Path
@@ -244,7 +245,7 @@ def lens_table(lens, view: str | None = None, columns: int | None = None) -> str
     lw = max(_width(s) for s in labels)
     widths = [max(_width(s) for s in (top[w], bottom[w], pos[w], *(cells[r][w] for r in range(R)))) for w in range(W)]
     columns = columns or shutil.get_terminal_size((100, 24)).columns
-    lines = [f"{heading} · {describe(lens)}"]
+    lines = textwrap.wrap(f"{heading} · {describe(lens)}", columns, break_on_hyphens=False)  # a long path too
     w0 = 0
     while w0 < W:  # as many positions per block as fit the width (at least one)
         w1, used = w0, lw
@@ -310,29 +311,30 @@ def _check_figure_options(args) -> None:
 
 
 def _save_figures(lens, views: list[str], out: str, *, vmin, vmax, dpi: int, title) -> list[str]:
-    """Each figure of ``_figure_jobs``, its pixel size checked before it is drawn (``plot.check_pixels``);
-    a window too long for cell text is drawn without it, and said so on standard error. A ``.html`` file is
-    the page of ``html.to_html`` instead, opening on the first of its views (every view is in the page)."""
+    """Each figure of ``_figure_jobs``, its pixel size checked before it is drawn (``plot.check_pixels``).
+    Figures are at most ``plot.MAX_WIDTH`` wide; a window too long for cell text is drawn as an overview
+    (``plot.layout``), and one line on standard error says so. A ``.html`` file is the page of
+    ``html.to_html`` instead, opening on the first of its views (every view is in the page)."""
     from . import plot as P
 
-    if not P.has_text(lens) and Path(out).suffix.lower() not in PAGE_TYPES:
-        print(f"{PROG}: {lens.end - lens.start} positions: the figure is {P.MAX_WIDTH:g} inches wide, without "
-              f"cell text (at most {P.TEXT_POSITIONS} positions have it); narrow the window with --start/--end, "
-              "or write an .html page", file=sys.stderr)
     jobs = []
     for path, vs in _figure_jobs(out, views):  # every size checked before the first figure is drawn
         if Path(path).suffix.lower() in PAGE_TYPES:
             jobs.append((path, vs, None))
             continue
         size = P.figsize(lens, len(vs))
-        at = dpi
         try:
-            P.check_pixels(size, at)
+            P.check_pixels(size, dpi)
         except ValueError:
             raise UserError(f"--dpi {dpi} is too high for {path}: a figure of {size[0]:.1f} x {size[1]:.1f} inches "
                             f"would exceed the limit of {P.MAX_MEGAPIXELS} megapixels; use --dpi "
                             f"{P.max_dpi(size)} or less") from None
-        jobs.append((path, vs, at))
+        jobs.append((path, vs, dpi))
+    W = lens.end - lens.start
+    if not P.layout(W, len(lens.rows)).text and any(at is not None for _, _, at in jobs):
+        print(f"{PROG}: note: the {W} positions are drawn as an overview, without cell text, token labels or "
+              f"outlines (drawn for at most {P.TEXT_POSITIONS} positions and {P.TEXT_CELLS:,} cells); choose a "
+              "shorter window with --start and --end, or write an .html page, to read them", file=sys.stderr)
     written = []
     for path, vs, at in jobs:
         if at is None:  # a page: its size is the browser's business
@@ -352,7 +354,7 @@ def _save_figures(lens, views: list[str], out: str, *, vmin, vmax, dpi: int, tit
         try:
             with warnings.catch_warnings():  # a token in a script the font lacks is drawn as a box
                 warnings.filterwarnings("ignore", message="Glyph .* missing from")
-                P.save_figure(fig, path, dpi=at)
+                P.save_figure(fig, path, dpi=dpi)
         except OSError as e:
             raise UserError(f"cannot write {path}: {e.strerror or e}") from None
         written.append(path)
@@ -369,8 +371,8 @@ def _figure_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vmin", type=_finite, help="lower colour limit (default: the view's)")
     p.add_argument("--vmax", type=_finite, help="upper colour limit (default: the view's cap, e.g. KL 30, rank 100)")
     p.add_argument("--title", help="figure title (default: the view, model and decoder settings)")
-    p.add_argument("--dpi", type=_positive, default=150, help="resolution of PNG figures (default 150; a figure "
-                   "may have at most 150 megapixels)")
+    p.add_argument("--dpi", type=_positive, default=150, help="resolution of PNG figures (default 150; figures are "
+                   "at most 24 inches wide, 3,600 pixels at 150 dpi, and 150 megapixels)")
 
 
 def _show(lens, args) -> int:

@@ -27,6 +27,15 @@ next-rank      rank of the true next token             log, 1 .. 1000         ci
 Values beyond a cap take the end colour (the colour bar shows an arrow). The last position of the
 sequence has no next token: its ``next-rank`` cells are blank (light grey).
 
+**Long windows.** A figure is never wider than ``MAX_WIDTH``, 24 inches (3,600 pixels at the default
+150 dpi): the width of one panel of ``PANEL_POSITIONS`` (32) readable cells. Cell text is drawn for
+windows of at most ``TEXT_POSITIONS`` (64) positions and ``TEXT_CELLS`` (1,024) cells (rows x
+positions) a view, in stacked panels of at most 32 positions, each with its own token axes. A longer
+window is drawn as one overview panel, at most ``MAX_WIDTH`` wide, without cell text, token labels or
+outlines: its axis shows positions, a line marks each position's lock-in row, and the title says what
+was left out. A cell text costs matplotlib 1 to 3 ms to draw, so these bounds keep the figure of any
+window to a few seconds at most (``scripts/bench_render.py``); ``html.py`` writes every cell of any window.
+
 Every string drawn (cell texts, token axes, row labels, titles) is drawn literally: a token such as
 `` $$`` or ``$x^$`` is text, never mathtext or LaTeX (``parse_math=False, usetex=False``).
 
@@ -48,7 +57,7 @@ from matplotlib.collections import PatchCollection
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from .files import replacing
 
@@ -59,17 +68,17 @@ TICK_CHARS = 14  # longest axis label, ellipsis included
 
 # Layout, in inches and points: a cell is CELL_W x CELL_H; the margins hold labels and colour bar.
 CELL_W, CELL_H = 0.68, 0.27
-MARGIN_W, MARGIN_H = 2.3, 2.5
+MARGIN_W, MARGIN_H = 2.24, 2.5
 CELL_FONT, TICK_FONT = 7.5, 8
 OUTLINE = "#e4572e"  # orange-red: visible on both ends of cividis
 BLANK = "#e6e6e6"  # cells without a value (next-rank at the last position)
 LITERAL = {"parse_math": False, "usetex": False}  # text properties: token text is drawn as it is
 
-# The widest figure drawn: 48 inches (7,200 pixels at the command line's 150 dpi). Cells keep their
-# readable width (CELL_W) up to TEXT_POSITIONS positions; a longer window is drawn narrower to fit, with
-# no cell text (a cell would be too narrow to read) and every n-th token on the axes, and says so.
-MAX_WIDTH = 48.0
-TEXT_POSITIONS = int((MAX_WIDTH - MARGIN_W) / CELL_W)  # 67
+# Long windows (the module docstring): the widest figure, and the windows whose cells carry text.
+PANEL_POSITIONS = 32  # positions of one panel with cell text
+MAX_WIDTH = MARGIN_W + CELL_W * PANEL_POSITIONS  # 24.0 inches: 3,600 pixels at 150 dpi
+TEXT_POSITIONS = 64  # cell text for at most this many positions (2 stacked panels) ...
+TEXT_CELLS = 1024  # ... and this many cells (rows x positions) a view
 
 # The largest image a figure may be saved as: 150 megapixels (600 MB of RGBA while drawing), and
 # Agg's own limit of 2**16 pixels a side. ``save_figure`` refuses larger sizes before drawing.
@@ -171,20 +180,45 @@ def limits(lens, view: str, vmin: float | None = None, vmax: float | None = None
     return float(lo), float(hi)
 
 
-def figsize(lens, n_panels: int = 1) -> tuple[float, float]:
-    """Figure size in inches: grows with the window width and the number of rows (and panels)."""
-    return size_of(lens.end - lens.start, len(lens.rows), n_panels)
+@dataclass(frozen=True)
+class Layout:
+    """Where a window's positions are drawn: ``panels``, stacked top to bottom, are ``(w0, w1)`` ranges of
+    window positions, each panel ``span`` positions wide; ``text``: cell text, token axes and outlines
+    (without: one overview panel); ``note``: what an overview leaves out, for its title ('' with text)."""
+
+    panels: tuple
+    span: int
+    text: bool
+    note: str
 
 
-def size_of(W: int, R: int, n_panels: int = 1) -> tuple[float, float]:
-    """``figsize`` of a window of W positions and R rows (``size_of(1, 1)``: the smallest figure); never
-    wider than ``MAX_WIDTH``."""
-    return min(MARGIN_W + CELL_W * max(W, 4), MAX_WIDTH), n_panels * (MARGIN_H + CELL_H * max(R, 2))
+def layout(W: int, R: int, stack: bool = True) -> Layout:
+    """The ``Layout`` of a window of W positions and R rows; ``stack=False``: one panel only (a given Axes).
+
+    Cell text for at most ``TEXT_POSITIONS`` positions (``PANEL_POSITIONS`` without stacking) and
+    ``TEXT_CELLS`` cells, in panels of at most ``PANEL_POSITIONS`` positions, balanced (40 positions are
+    two panels of 20); anything longer is one overview panel without text.
+    """
+    most = TEXT_POSITIONS if stack else PANEL_POSITIONS
+    if W <= most and R * W <= TEXT_CELLS:
+        span = -(-W // -(-W // PANEL_POSITIONS))  # ceil(W / number of panels)
+        return Layout(tuple((a, min(a + span, W)) for a in range(0, W, span)), span, True, "")
+    note = (f"overview of {W} positions: no cell text, token labels or outlines (drawn for at most {most} positions "
+            f"and {TEXT_CELLS:,} cells); the orange line is each position's lock-in row")
+    return Layout(((0, W),), W, False, note)
 
 
-def has_text(lens) -> bool:
-    """Whether the figure of ``lens`` writes each cell's token: windows up to ``TEXT_POSITIONS`` positions."""
-    return lens.end - lens.start <= TEXT_POSITIONS
+def figsize(lens, n_views: int = 1) -> tuple[float, float]:
+    """Figure size in inches: grows with the window width (up to ``MAX_WIDTH``), the rows, the panels of
+    ``layout`` and the number of views."""
+    return size_of(lens.end - lens.start, len(lens.rows), n_views)
+
+
+def size_of(W: int, R: int, n_views: int = 1) -> tuple[float, float]:
+    """``figsize`` of a window of W positions and R rows (``size_of(1, 1)``: the smallest figure)."""
+    lay = layout(W, R)
+    return (min(MAX_WIDTH, MARGIN_W + CELL_W * max(lay.span, 4)),
+            n_views * len(lay.panels) * (MARGIN_H + CELL_H * max(R, 2)))
 
 
 def max_dpi(size: tuple[float, float]) -> int:
@@ -228,11 +262,15 @@ def plot_lens(lens, view: str = "logits", *, ax=None, vmin: float | None = None,
               cmap: str | None = None, title: str | None = None) -> Figure:
     """Draw one view of a ``Lens`` as in the post and return the figure.
 
+    Long windows are drawn in stacked panels, or as an overview without cell text (``layout``; the
+    title says so); the figure is never wider than ``MAX_WIDTH``.
+
     Parameters
     ----------
     lens : gpt2np.Lens, from ``logit_lens`` or ``Lens.load``
     view : one of ``VIEWS``: logits, probs, ranks, kl, kl-input, input-rank, entropy, next-rank
-    ax : draw into this matplotlib Axes (its figure is returned); default: a new Figure of ``figsize(lens)``
+    ax : draw into this matplotlib Axes, as one panel (its figure is returned); default: a new Figure of
+        ``figsize(lens)``
     vmin, vmax : colour limits (default: the view's, e.g. KL 0..30, ranks 1..100)
     cmap : a matplotlib colour map name (default: the view's, see the module docstring)
     title : panel title (default: the view, model and decoder settings)
@@ -246,35 +284,44 @@ def plot_lens(lens, view: str = "logits", *, ax=None, vmin: float | None = None,
     >>> lens = gpt2np.logit_lens(m, m.forward(m.encode(text)), norm="norm", step=2)
     >>> plot_lens(lens, "kl").savefig("kl.png")
     """
-    _view(view)
+    v = _view(view)
+    lay = layout(lens.end - lens.start, len(lens.rows), stack=ax is None)
     if ax is None:
         fig = Figure(figsize=figsize(lens), layout="constrained")
-        ax = fig.add_subplot()
-    _draw(ax, lens, view, vmin=vmin, vmax=vmax, cmap=cmap, title=title)
-    return ax.figure
+        axes = fig.subplots(len(lay.panels), 1, squeeze=False)[:, 0]
+    else:
+        axes = [ax]
+    heading = title if title is not None else f"{v.title}\n{describe(lens)}"
+    _draw(axes, lens, view, lay, vmin=vmin, vmax=vmax, cmap=cmap, title=heading + (f"\n{lay.note}" if lay.note else ""))
+    return axes[0].figure
 
 
 def plot_views(lens, views=("logits", "ranks", "kl"), *, vmin=None, vmax=None, cmap=None,
                title: str | None = None) -> Figure:
-    """Several views of one ``Lens`` in a grid, one panel per view, stacked top to bottom.
+    """Several views of one ``Lens`` in a grid, one panel per view (or one group of stacked panels, as
+    ``plot_lens`` draws a long window), stacked top to bottom.
 
     ``vmin``, ``vmax`` and ``cmap`` are either one value for every panel or a dict keyed by view.
-    ``title`` goes above the grid (default: the model and decoder settings).
+    ``title`` goes above the grid (default: the model and decoder settings), with an overview's note.
     """
     views = list(views)
     if not views:
         raise ValueError("plot_views needs at least one view")
     for v in views:
         _view(v)
+    lay = layout(lens.end - lens.start, len(lens.rows))
+    n = len(lay.panels)
     fig = Figure(figsize=figsize(lens, len(views)), layout="constrained")
-    axes = fig.subplots(len(views), 1, squeeze=False)[:, 0]
+    axes = fig.subplots(len(views) * n, 1, squeeze=False)[:, 0]
 
     def pick(arg, v):
         return arg.get(v) if isinstance(arg, dict) else arg
 
-    for ax, v in zip(axes, views):
-        _draw(ax, lens, v, vmin=pick(vmin, v), vmax=pick(vmax, v), cmap=pick(cmap, v), title=VIEWS[v].title)
-    fig.suptitle(title if title is not None else describe(lens), fontsize=11, **LITERAL)
+    for i, v in enumerate(views):
+        _draw(axes[i * n:(i + 1) * n], lens, v, lay, vmin=pick(vmin, v), vmax=pick(vmax, v), cmap=pick(cmap, v),
+              title=VIEWS[v].title)
+    heading = title if title is not None else describe(lens)
+    fig.suptitle(heading + (f"\n{lay.note}" if lay.note else ""), fontsize=11, **LITERAL)
     return fig
 
 
@@ -296,56 +343,52 @@ def _view(view: str) -> View:
     return VIEWS[view]
 
 
-def _draw(ax, lens, view: str, *, vmin, vmax, cmap, title) -> None:
-    """The heat map, cell texts, outlines, both token axes and the colour bar of one view."""
+def _draw(axes, lens, view: str, lay: Layout, *, vmin, vmax, cmap, title: str) -> None:
+    """One view in the panels ``axes`` of ``lay``: the heat map (one image a panel), then either the cell
+    texts, outlines and both token axes, or the overview's position axis and lock-in line; the row
+    labels, ``title`` above the first panel, and one colour bar beside them all."""
     v = _view(view)
-    data = v.values(lens)  # [R, W]
+    data = np.ma.masked_invalid(v.values(lens))  # [R, W]
     R, W = data.shape
     lo, hi = limits(lens, view, vmin, vmax)
     norm = LogNorm(lo, hi) if v.log else Normalize(lo, hi)
     cm = colormaps[cmap or v.cmap].with_extremes(bad=BLANK)
-    im = ax.imshow(np.ma.masked_invalid(data), origin="lower", aspect="auto", interpolation="nearest",
-                   cmap=cm, norm=norm)
-    ax.set_label(f"lens:{view}")
-
-    # cell texts, black on light cells and white on dark ones (windows too long to read them: none)
-    text = has_text(lens)
-    if text:
-        rgba = im.to_rgba(np.ma.masked_invalid(data))  # [R, W, 4]
-        luma = rgba[..., :3] @ np.array([0.299, 0.587, 0.114])
-        for r in range(R):
-            for w in range(W):
-                ax.text(w, r, visible(lens.top_tokens[r, w, 0], CELL_CHARS), ha="center", va="center",
-                        fontsize=CELL_FONT, color="white" if luma[r, w] < 0.5 else "black", **LITERAL)
-    # outlines where the cell's top-1 is the final top-1: one collection, however many cells
-    boxes = [Rectangle((w - 0.46, r - 0.44), 0.92, 0.88) for r, w in zip(*np.nonzero(lens.matches_final))]
-    ax.add_collection(PatchCollection(boxes, facecolor="none", edgecolor=OUTLINE, linewidth=1.4 if text else 0.6,
-                                      gid="outline"))
-
-    ax.set_yticks(range(R), labels=list(lens.rows), fontsize=TICK_FONT, **LITERAL)
-    every = 1 if text else math.ceil(W / TEXT_POSITIONS)  # a long window: every n-th token on the axes
-    ticks = range(0, W, every)
-    inputs = [visible(t, TICK_CHARS) for t in lens.tokens[lens.start:lens.end]]
-    ax.set_xticks(ticks, labels=[inputs[w] for w in ticks], rotation=45, ha="right", rotation_mode="anchor",
-                  fontsize=TICK_FONT, **LITERAL)
-    top = ax.secondary_xaxis("top")
-    nxt = next_labels(lens)
-    top.set_xticks(ticks, labels=[nxt[w] for w in ticks], rotation=45, ha="left", rotation_mode="anchor",
-                   fontsize=TICK_FONT, **LITERAL)
-    for a in (ax, top):
-        a.tick_params(length=0)
-    ax.set_ylabel("layer (row read by the lens)", fontsize=TICK_FONT, **LITERAL)
-    ax.set_xlabel("input token" if text else f"input token (one in {every} shown; no cell text: {W} positions "
-                  f"are more than the {TEXT_POSITIONS} a figure at most {MAX_WIDTH:g} inches wide can write; "
-                  "narrow the window or use an .html page)", fontsize=TICK_FONT, **LITERAL)
-    top.set_xlabel("true next token  (* = final top-1 correct)", fontsize=TICK_FONT, **LITERAL)
-    ax.set_title(title if title is not None else f"{v.title}\n{describe(lens)}", fontsize=10, loc="left",
-                 **LITERAL)
+    tops = next_labels(lens)
+    for i, (ax, (w0, w1)) in enumerate(zip(axes, lay.panels)):
+        # one mesh of quads, cell (r, w) centred on (w, r): drawn at any size without resampling an image
+        im = ax.pcolormesh(np.arange(w0, w1 + 1) - 0.5, np.arange(R + 1) - 0.5, data[:, w0:w1], cmap=cm, norm=norm)
+        ax.set_label(f"lens:{view}")
+        if lay.text:
+            _cells(ax, lens, im, w0, w1)
+            ax.set_xticks(range(w0, w1), labels=[visible(t, TICK_CHARS) for t in lens.tokens[lens.start + w0:lens.start + w1]],
+                          rotation=45, ha="right", rotation_mode="anchor", fontsize=TICK_FONT, **LITERAL)
+            top = ax.secondary_xaxis("top")
+            top.set_xticks(range(w0, w1), labels=tops[w0:w1], rotation=45, ha="left", rotation_mode="anchor",
+                           fontsize=TICK_FONT, **LITERAL)
+            top.tick_params(length=0)
+            top.set_xlabel("true next token  (* = final top-1 correct)", fontsize=TICK_FONT, **LITERAL)
+            ax.set_xlabel("input token", fontsize=TICK_FONT, **LITERAL)
+        else:  # positions as numbers, and where each position's top-1 settles on the final one
+            ax.stairs(lens.lock_in - 0.5, np.arange(W + 1) - 0.5, baseline=None, color=OUTLINE, linewidth=1.2,
+                      gid="lock-in")
+            ax.xaxis.set_major_locator(MaxNLocator(12, integer=True))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{lens.start + round(x)}"))
+            ax.set_xlabel("position", fontsize=TICK_FONT, **LITERAL)
+            ax.tick_params(axis="x", labelsize=TICK_FONT)
+        ax.set(xlim=(w0 - 0.5, w0 + lay.span - 0.5), ylim=(-0.5, R - 0.5))  # equal cells in every panel
+        ax.set_yticks(range(R), labels=list(lens.rows), fontsize=TICK_FONT, **LITERAL)
+        ax.tick_params(length=0)
+        ax.set_ylabel("layer (row read by the lens)", fontsize=TICK_FONT, **LITERAL)
+        if i == 0:
+            ax.set_title(title, fontsize=10, loc="left", **LITERAL)
+        if len(lay.panels) > 1:
+            ax.set_title(f"positions {lens.start + w0}..{lens.start + w1 - 1}", fontsize=TICK_FONT, loc="right")
 
     # arrows on the colour bar: values beyond a cap (or outside the logits' percentile range) saturate
+    fig = axes[0].figure
     extend = "max" if v.log or view.startswith("kl") else "both" if view == "logits" else "neither"
-    cax_pad = 0.25 / max(ax.figure.get_size_inches()[0], 1)
-    cb = ax.figure.colorbar(im, ax=ax, extend=extend, pad=cax_pad, fraction=0.02, aspect=max(10, 1.6 * R))
+    cb = fig.colorbar(im, ax=list(axes), extend=extend, pad=0.25 / max(fig.get_size_inches()[0], 1), fraction=0.02,
+                      aspect=max(10, 1.6 * R * len(axes)))
     capped = view != "probs" and (v.vmax is not None or vmax is not None)
     label = v.title + (f" (capped at {hi:g})" if capped else "")
     cb.set_label(label, fontsize=TICK_FONT, **LITERAL)
@@ -353,3 +396,18 @@ def _draw(ax, lens, view: str, *, vmin, vmax, cmap, title) -> None:
     if v.log:  # 1, 10, 100 rather than 10^0, 10^1, 10^2
         cb.ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
         cb.ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _cells(ax, lens, im, w0: int, w1: int) -> None:
+    """Cell texts of window positions [w0, w1) (black on light cells, white on dark ones) and one
+    collection of outlines, around the cells whose top-1 is the final top-1."""
+    rgba = im.to_rgba(im.get_array())  # [R, w1 - w0, 4]
+    luma = rgba[..., :3] @ np.array([0.299, 0.587, 0.114])
+    for r in range(rgba.shape[0]):
+        for w in range(w0, w1):  # in_layout=False: inside the axes, so the layout need not measure them
+            ax.text(w, r, visible(lens.top_tokens[r, w, 0], CELL_CHARS), ha="center", va="center", fontsize=CELL_FONT,
+                    color="white" if luma[r, w - w0] < 0.5 else "black", in_layout=False, **LITERAL)
+    rows, cols = np.nonzero(lens.matches_final[:, w0:w1])
+    boxes = [Rectangle((w0 + w - 0.46, r - 0.44), 0.92, 0.88) for r, w in zip(rows, cols)]
+    ax.add_collection(PatchCollection(boxes, facecolor="none", edgecolor=OUTLINE, linewidth=1.4, gid="outline"),
+                      autolim=False)

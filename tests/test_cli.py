@@ -91,6 +91,26 @@ def test_lens_table_wraps_to_the_terminal(capsys, ckpt, monkeypatch):
     assert max(len(ln) for b in blocks for ln in b.splitlines() if len(ln.split()) > 2) <= 40
 
 
+def test_a_long_window_wraps_into_blocks_that_fit_80_columns(capsys, make_checkpoint, monkeypatch, tmp_path):
+    """1,000 positions, COLUMNS=80: every line fits (the heading too), and the blocks hold every position
+    once, in order, each block every row."""
+    monkeypatch.setenv("COLUMNS", "80")
+    ckpt = make_checkpoint(n_positions=3000)
+    model = gpt2np.load(ckpt)
+    text = model.decode((np.arange(1200) * 7 % 397).tolist())
+    assert len(model.encode(text)) >= 1000
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    for view in ((), ("--view", "kl")):
+        code, out, err = run(capsys, "lens", "--file", tmp_path / "t.txt", "--model", ckpt, "--end", 1000, *view)
+        assert code == 0 and err == ""
+        assert max(cli._width(line) for line in out.splitlines()) <= 80
+        assert max(len(line) for line in out.splitlines()) <= 80
+        blocks = [b.splitlines() for b in out.split("\n\n") if b.splitlines()[-1].lstrip().startswith("pos ")]
+        assert len(blocks) >= 1000 // 20 and all(len(b) == 3 + 4 for b in blocks)  # next, 4 rows, token, pos
+        positions = [int(p) for b in blocks for p in b[-1].split()[1:]]
+        assert positions == list(range(1000)) * (1 + len(view) // 2)  # the tokens' table, then the view's
+
+
 def test_lens_view_without_out_prints_the_numbers(capsys, ckpt, model):
     code, out, _ = run(capsys, "lens", TEXT, "--model", ckpt, "--start", -4, "--view", "ranks", "--view", "next-rank")
     assert code == 0

@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from matplotlib.collections import QuadMesh
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
@@ -19,7 +20,7 @@ import gpt2np
 from gpt2np import plot as P
 from gpt2np.lens import Lens
 
-TEXT = "When people say plasma,\nthey\tmean blood. Other times"  # 33 tokens in the tiny vocabulary
+TEXT = "When people say plasma,\nthey\tmean blood. Other times"  # 33 tokens in the tiny vocabulary (32 used)
 VIEWS = ("logits", "probs", "ranks", "kl", "kl-input", "input-rank", "entropy", "next-rank")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -29,12 +30,13 @@ def shown(token: str, width: int) -> str:
     carriage return as symbols, other control characters as \\xNN escapes, an ellipsis past ``width``."""
     s = token.replace(" ", "·").replace("\n", "↵").replace("\t", "⇥").replace("\r", "⏎")
     s = "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else c for c in s)
-    return s if len(s) <= width else s[:width - 1] + "…"
+    return (s if len(s) <= width else s[:width - 1] + "…") or "∅"  # an empty string still gets a mark
 
 
 @pytest.fixture(scope="module")
 def ids(tiny_model):
-    return tiny_model.encode(TEXT)
+    """32 tokens: one panel of a figure (``P.PANEL_POSITIONS``)."""
+    return tiny_model.encode(TEXT)[:P.PANEL_POSITIONS]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,18 @@ def one_heatmap(fig):
     return ax
 
 
+def mesh(ax):
+    """The heat map of a panel: one QuadMesh (``pcolormesh``), cell (r, w) centred on (w, r)."""
+    (m,) = [c for c in ax.collections if isinstance(c, QuadMesh)]
+    return m
+
+
+def outlined(ax) -> set:
+    """Centres (w, r) of a panel's outlined cells: the rectangles of its one collection of outlines."""
+    (boxes,) = [c for c in ax.collections if c.get_gid() == "outline"]
+    return {(round(p.vertices[:4, 0].mean()), round(p.vertices[:4, 1].mean())) for p in boxes.get_paths()}
+
+
 def top_axis(ax):
     (top,) = ax.child_axes
     return top
@@ -102,7 +116,7 @@ def test_cell_texts_are_the_top1_tokens(lens, view):
 
 def test_cell_text_contrasts_with_its_colour(lens):
     ax = one_heatmap(P.plot_lens(lens, "kl"))
-    im = ax.images[0]
+    im = mesh(ax)
     rgba = im.to_rgba(im.get_array())
     for t in ax.texts:
         w, r = (round(v) for v in t.get_position())
@@ -154,7 +168,7 @@ def test_token_axes_and_row_labels(window_lens):
     ("ranks", True, 1, 100), ("input-rank", True, 1, 1000), ("next-rank", True, 1, 1000)])
 def test_colour_limits_are_the_posts(lens, view, log, lo, hi):
     fig = P.plot_lens(lens, view)
-    im = one_heatmap(fig).images[0]
+    im = mesh(one_heatmap(fig))
     assert isinstance(im.norm, LogNorm) is log
     assert (im.norm.vmin, im.norm.vmax) == (lo, hi)
     (cbar_ax,) = [a for a in fig.axes if a.get_label() == "<colorbar>"]
@@ -164,25 +178,25 @@ def test_colour_limits_are_the_posts(lens, view, log, lo, hi):
 def test_colour_values_are_the_lens_quantities(lens):
     for view, field in (("kl", lens.kl_final), ("ranks", lens.final_rank), ("kl-input", lens.kl_input),
                         ("input-rank", lens.input_rank), ("entropy", lens.entropy)):
-        data = one_heatmap(P.plot_lens(lens, view)).images[0].get_array()
+        data = mesh(one_heatmap(P.plot_lens(lens, view))).get_array()
         np.testing.assert_array_equal(np.ma.getdata(data), field.astype(np.float64))
-    data = one_heatmap(P.plot_lens(lens, "logits")).images[0].get_array()
+    data = mesh(one_heatmap(P.plot_lens(lens, "logits"))).get_array()
     np.testing.assert_array_equal(np.ma.getdata(data), lens.top_logits[..., 0].astype(np.float64))
 
 
 def test_next_rank_is_blank_at_the_last_position(lens):
-    data = one_heatmap(P.plot_lens(lens, "next-rank")).images[0].get_array()
+    data = mesh(one_heatmap(P.plot_lens(lens, "next-rank"))).get_array()
     assert np.ma.getmaskarray(data)[:, -1].all() and not np.ma.getmaskarray(data)[:, :-1].any()
     np.testing.assert_array_equal(data[:, :-1], lens.next_rank[:, :-1])
 
 
 def test_logits_scale_and_overrides(lens):
-    im = one_heatmap(P.plot_lens(lens, "logits")).images[0]
+    im = mesh(one_heatmap(P.plot_lens(lens, "logits")))
     top1 = lens.top_logits[..., 0]
     assert im.norm.vmin == pytest.approx(np.percentile(top1, 5)) and im.norm.vmax == pytest.approx(np.percentile(top1, 95))
-    im = one_heatmap(P.plot_lens(lens, "kl", vmin=1, vmax=5, cmap="magma")).images[0]
+    im = mesh(one_heatmap(P.plot_lens(lens, "kl", vmin=1, vmax=5, cmap="magma")))
     assert (im.norm.vmin, im.norm.vmax, im.cmap.name) == (1, 5, "magma")
-    assert one_heatmap(P.plot_lens(lens, "kl")).images[0].cmap.name == "cividis_r"  # good = light
+    assert mesh(one_heatmap(P.plot_lens(lens, "kl"))).cmap.name == "cividis_r"  # good = light
 
 
 def test_titles(lens):
@@ -210,7 +224,7 @@ def test_grid_has_one_panel_per_view(window_lens):
     fig = P.plot_views(window_lens, views, vmax={"kl": 10})
     axes = heatmaps(fig)
     assert [a.get_label() for a in axes] == [f"lens:{v}" for v in views]
-    assert axes[1].images[0].norm.vmax == 10 and axes[2].images[0].norm.vmax == 1000
+    assert mesh(axes[1]).norm.vmax == 10 and mesh(axes[2]).norm.vmax == 1000
     for ax in axes:
         assert len(ax.texts) == len(window_lens.rows) * 12
     assert fig.get_size_inches()[1] > P.plot_lens(window_lens, "kl").get_size_inches()[1] * 2.5
@@ -355,46 +369,134 @@ def test_colour_limits_given_are_never_changed(lens):
 
 
 # -------------------------------------------------------------------------------------------------
-# Long windows: never wider than MAX_WIDTH, no cell text past TEXT_POSITIONS, a bounded number of artists
+# Long windows: never wider than MAX_WIDTH; cell text in stacked panels up to TEXT_POSITIONS positions
+# and TEXT_CELLS cells; beyond, one overview without text (its title says so); a bounded number of artists
 
 
 @pytest.fixture(scope="module")
 def long_model(make_checkpoint):
-    return gpt2np.load(make_checkpoint(n_positions=4096))
+    """The tiny model with a context of 3,000 positions."""
+    return gpt2np.load(make_checkpoint(n_positions=3000))
+
+
+@pytest.fixture(scope="module")
+def long_lens(long_model):
+    """``long_lens(T)``: the lens of positions [0, T) of one 3,000-token trace."""
+    trace = long_model.forward(np.arange(3000) * 7 % 397)
+    return lambda T: gpt2np.logit_lens(long_model, trace, end=T, k=1)
+
+
+def test_the_stated_limits():
+    assert P.MAX_WIDTH == 24.0 and round(P.MAX_WIDTH * 150) == 3600  # 24 inches: 3,600 pixels at 150 dpi
+    assert (P.PANEL_POSITIONS, P.TEXT_POSITIONS, P.TEXT_CELLS) == (32, 64, 1024)
+    assert P.size_of(P.PANEL_POSITIONS, 13)[0] == pytest.approx(P.MAX_WIDTH)  # a full panel is the widest figure
+
+
+@pytest.mark.parametrize("R", [1, 4, 13, 25, 49, 97])
+def test_the_layout_rule_for_every_window(R):
+    """Every window of 1 to 3,000 positions: panels of at most 32 positions that cover it in order, cell text
+    exactly when it has at most 64 positions and 1,024 cells, a figure no wider than 24 inches."""
+    for W in range(1, 3001):
+        lay = P.layout(W, R)
+        assert lay.text == (W <= 64 and R * W <= 1024), (W, R)
+        edges = [w for panel in lay.panels for w in panel]
+        assert edges[0] == 0 and edges[-1] == W and edges[1:-1:2] == edges[2:-1:2]  # contiguous, in order
+        assert all(0 < w1 - w0 <= lay.span for w0, w1 in lay.panels)
+        if lay.text:
+            assert lay.span <= P.PANEL_POSITIONS and lay.note == ""
+            assert len(lay.panels) == -(-W // P.PANEL_POSITIONS)  # as few panels as fit, balanced
+        else:
+            assert len(lay.panels) == 1 and lay.note.startswith(f"overview of {W} positions: no cell text")
+        assert P.size_of(W, R)[0] <= P.MAX_WIDTH and P.size_of(W, R, 3)[0] <= P.MAX_WIDTH
+    if R * 40 <= 1024:
+        assert P.layout(40, R).panels == ((0, 20), (20, 40))  # balanced
+    assert not P.layout(40, 4, stack=False).text and P.layout(32, 4, stack=False).text  # a given Axes: one panel
 
 
 @pytest.mark.parametrize("T", [10, 100, 1000, 3000])
-def test_any_window_gives_a_figure_no_wider_than_the_limit(long_model, T):
-    m = long_model
-    lens = gpt2np.logit_lens(m, m.forward(np.arange(T) % 397), k=1)
+def test_no_figure_is_wider_than_the_limit(long_lens, T):
+    lens = long_lens(T)
     R = len(lens.rows)
     for fig in (P.plot_lens(lens, "kl"), P.plot_views(lens, ["logits", "ranks"])):
-        assert fig.get_size_inches()[0] <= P.MAX_WIDTH == 48
-        for ax in [a for a in fig.axes if a.get_label().startswith("lens:")]:
-            ticks = ax.get_xticklabels()
-            if T <= 67:  # every cell written, every token on the axis
-                assert len(ax.texts) == R * T and len(ticks) == T
-                assert "no cell text" not in ax.get_xlabel()
-            else:  # no cell text, said so; at most TEXT_POSITIONS tokens on each axis
-                assert len(ax.texts) == 0 and len(ticks) <= P.TEXT_POSITIONS
-                assert f"no cell text: {T} positions" in ax.get_xlabel()
-            (outlines,) = [c for c in ax.collections if c.get_gid() == "outline"]  # one artist for all outlines
-            assert len(outlines.get_paths()) == lens.matches_final.sum()
-    assert P.TEXT_POSITIONS == int((48 - P.MARGIN_W) / P.CELL_W)
+        w, h = fig.get_size_inches()
+        assert w <= P.MAX_WIDTH and round(w * 150) <= 3600
+        panels = heatmaps(fig)
+        texts = sum(len(ax.texts) for ax in panels)
+        if T <= P.TEXT_POSITIONS:  # every cell written once
+            assert texts == R * T * len(panels) // len(P.layout(T, R).panels)
+        else:  # at most one panel a view, no cell text, a bounded number of artists whatever T
+            assert len(panels) in (1, 2) and texts == 0
+            for ax in panels:
+                lo, hi = ax.get_xlim()
+                assert len([t for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi]) <= 13
+                assert len(ax.get_children()) < 40
+
+
+def test_a_window_of_several_panels_writes_every_cell_once(long_lens):
+    lens = long_lens(40)  # two panels of 20 positions
+    R = len(lens.rows)
+    fig = P.plot_lens(lens, "ranks")
+    panels = heatmaps(fig)
+    assert len(panels) == 2 and fig.get_size_inches()[0] == pytest.approx(P.MARGIN_W + 20 * P.CELL_W)
+    cells = [(round(t.get_position()[0]), round(t.get_position()[1]), t.get_text()) for ax in panels for t in ax.texts]
+    assert sorted(cells) == sorted((w, r, shown(lens.top_tokens[r, w, 0], P.CELL_CHARS))
+                                   for r in range(R) for w in range(40))
+    tokens = [t.get_text() for ax in panels for t in ax.get_xticklabels()]
+    assert tokens == [shown(s, P.TICK_CHARS) for s in lens.tokens[:40]]
+    nxt = [t.get_text() for ax in panels for t in top_axis(ax).get_xticklabels()]
+    assert nxt == [shown(s, P.TICK_CHARS) + ("*" if ok else "") for s, ok in zip(lens.tokens[1:41], lens.final_correct)]
+    assert set().union(*(outlined(ax) for ax in panels)) == {(w, r) for r, w in zip(*np.nonzero(lens.matches_final))}
+    for ax, (w0, w1) in zip(panels, [(0, 20), (20, 40)]):  # equal cells, each panel its own positions
+        assert ax.get_xlim() == (w0 - 0.5, w1 - 0.5)
+        np.testing.assert_array_equal(mesh(ax).get_array(), lens.final_rank[:, w0:w1])
+        assert ax.get_title(loc="right") == f"positions {w0}..{w1 - 1}"
+    assert "overview" not in panels[0].get_title(loc="left")
+
+
+def test_a_long_window_is_an_overview_that_says_so(long_lens):
+    lens = long_lens(1000)
+    ax = one_heatmap(P.plot_lens(lens, "kl"))
+    title = ax.get_title(loc="left")
+    assert "KL(final ‖ row)" in title and "overview of 1000 positions: no cell text, token labels or outlines" in title
+    assert len(ax.texts) == 0 and ax.child_axes == [] and not [c for c in ax.collections if c.get_gid() == "outline"]
+    np.testing.assert_array_equal(mesh(ax).get_array(), lens.kl_final)  # every cell still coloured
+    (lock,) = [p for p in ax.patches if p.get_gid() == "lock-in"]
+    np.testing.assert_array_equal(lock.get_data().values, lens.lock_in - 0.5)  # the bottom of each lock-in row
+    labels = [t.get_text() for t in ax.get_xticklabels() if -0.5 <= t.get_position()[0] <= 999.5]
+    assert 3 <= len(labels) <= 13 and "0" in labels and ax.get_xlabel() == "position"
+    custom = one_heatmap(P.plot_lens(lens, "kl", title="mine")).get_title(loc="left")
+    assert custom.startswith("mine\noverview of 1000 positions")  # a title of one's own keeps the note
+    grid = P.plot_views(lens, ["kl", "ranks"])
+    assert "overview of 1000 positions" in grid.get_suptitle() and len(heatmaps(grid)) == 2
+
+
+def test_a_given_axes_is_one_panel(long_lens):
+    lens = long_lens(40)
+    host = Figure(figsize=(10, 4))
+    ax = host.add_subplot()
+    assert P.plot_lens(lens, "kl", ax=ax) is host and heatmaps(host) == [ax]
+    assert len(ax.texts) == 0 and "overview of 40 positions" in ax.get_title(loc="left")
+
+
+def test_an_overview_saves_as_vector_files(long_lens, tmp_path):
+    fig = P.plot_lens(long_lens(1000), "kl")
+    assert P.save_figure(fig, tmp_path / "o.svg").read_bytes()[:5] == b"<?xml"
+    assert P.save_figure(fig, tmp_path / "o.pdf").read_bytes()[:5] == b"%PDF-"
 
 
 def test_the_command_line_draws_a_long_window_within_the_limit(long_model, tmp_path, capsys):
+    """1,000 positions: one line on standard error says the figure is an overview; the PNG is 3,600 pixels
+    wide at the default 150 dpi (its header), never wider."""
     from gpt2np import cli
 
-    m = long_model
-    text = m.decode((np.arange(1200) * 7 % 397).tolist())
-    n = len(m.encode(text))
-    assert n > P.TEXT_POSITIONS
+    text = long_model.decode((np.arange(1000) * 7 % 397).tolist())
+    n = len(long_model.encode(text))
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
     out = tmp_path / "kl.png"
-    assert cli.main(["lens", "--file", str(tmp_path / "t.txt"), "--model", str(m.path), "--view", "kl",
+    assert cli.main(["lens", "--file", str(tmp_path / "t.txt"), "--model", str(long_model.path), "--view", "kl",
                      "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert f"{n} positions: the figure is 48 inches wide, without cell text" in err
-    w, h = int.from_bytes(out.read_bytes()[16:20], "big"), int.from_bytes(out.read_bytes()[20:24], "big")
-    assert w <= 48 * 150 and h < 48 * 150  # the PNG header's size: the stated limit at the default dpi
+    assert err.count("\n") == 1 and f"note: the {n} positions are drawn as an overview, without cell text" in err
+    data = out.read_bytes()
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width == 3600 and height < 1500
