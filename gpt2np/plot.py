@@ -344,7 +344,7 @@ def _view(view: str) -> View:
 
 
 def _draw(axes, lens, view: str, lay: Layout, *, vmin, vmax, cmap, title: str) -> None:
-    """One view in the panels ``axes`` of ``lay``: the heat map (one image a panel), then either the cell
+    """One view in the panels ``axes`` of ``lay``: the heat map (one mesh a panel), then either the cell
     texts, outlines and both token axes, or the overview's position axis and lock-in line; the row
     labels, ``title`` above the first panel, and one colour bar beside them all."""
     v = _view(view)
@@ -360,8 +360,9 @@ def _draw(axes, lens, view: str, lay: Layout, *, vmin, vmax, cmap, title: str) -
         ax.set_label(f"lens:{view}")
         if lay.text:
             _cells(ax, lens, im, w0, w1)
-            ax.set_xticks(range(w0, w1), labels=[visible(t, TICK_CHARS) for t in lens.tokens[lens.start + w0:lens.start + w1]],
-                          rotation=45, ha="right", rotation_mode="anchor", fontsize=TICK_FONT, **LITERAL)
+            inputs = [visible(t, TICK_CHARS) for t in lens.tokens[lens.start + w0:lens.start + w1]]
+            ax.set_xticks(range(w0, w1), labels=inputs, rotation=45, ha="right", rotation_mode="anchor",
+                          fontsize=TICK_FONT, **LITERAL)
             top = ax.secondary_xaxis("top")
             top.set_xticks(range(w0, w1), labels=tops[w0:w1], rotation=45, ha="left", rotation_mode="anchor",
                            fontsize=TICK_FONT, **LITERAL)
