@@ -250,8 +250,10 @@ def cells(browser) -> list:
 
 
 def figure_colours(lens, view: str) -> dict:
-    """``(row, pos) -> 'rgb(r, g, b)'`` as the static figure colours the cell (its image's to_rgba)."""
-    im = P.plot_lens(lens, view).axes[0].images[0]
+    """``(row, pos) -> 'rgb(r, g, b)'`` as the static figure colours the cell (its mesh's to_rgba)."""
+    from matplotlib.collections import QuadMesh
+
+    (im,) = [c for c in P.plot_lens(lens, view).axes[0].collections if isinstance(c, QuadMesh)]
     rgba = im.to_rgba(np.ma.masked_invalid(P.VIEWS[view].values(lens)))
     out = {}
     for r, row in enumerate(lens.rows):
