@@ -203,21 +203,17 @@ def compare_stats(model, texts, translator, **options) -> dict[str, CorpusStats]
 
 def _run(model, texts, translators: tuple, options: dict, client, progress, total_tokens) -> list[CorpusStats]:
     """The statistics of each lens in ``translators`` (None: the logit lens) over ``texts``."""
-    n = model.config.n_positions
-    window, stride = options["window"], options["stride"]
-    window = n if window is None else window
-    stride = window if stride is None else stride
-    for name, v, hi in (("window", window, n), ("stride", stride, window)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= hi:
-            raise ValueError(f"{name}={v!r} must be a whole number from 1 to {hi}"
-                             + (" (the model's context)" if name == "window" else " (the window)"))
+    from .decoder import Decoder
+
+    window = check_window(model, options.get("window"))
+    stride = window if options.get("stride") is None else options["stride"]
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or not 1 <= stride <= window:
+        raise ValueError(f"stride={stride!r} must be a whole number from 1 to {window} (the window)")
     for t in translators:
         if t is not None:
             t.check(model)
-            if options.get("decoder_blocks"):
-                raise ValueError("a tuned lens maps each row to the final stream itself; decoder_blocks runs the "
-                                 "last blocks instead: give translator= or decoder_blocks=, not both")
-    options = {**options, "window": int(window), "stride": int(stride), "translators": translators}
+            Decoder(options.get("norm", "ln_f"), options.get("decoder_blocks", 0), t)  # refuses a translator with decoder blocks
+    options = {**options, "window": window, "stride": int(stride), "translators": translators}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -245,6 +241,15 @@ def _run(model, texts, translators: tuple, options: dict, client, progress, tota
     if totals is None:
         raise ValueError("the corpus has no tokens: give at least one non-empty text")
     return list(totals)
+
+
+def check_window(model, window) -> int:
+    """Positions per forward pass: ``window``, or the model's context for None; refused outside 1..context."""
+    n = model.config.n_positions
+    window = n if window is None else window
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or not 1 <= window <= n:
+        raise ValueError(f"window={window!r} must be a whole number from 1 to {n} (the model's context)")
+    return int(window)
 
 
 def _counted(texts, model, bar):

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .corpus import check_window
 from .decoder import select_rows
 from .files import write_bytes
 from .lens import kl, log_softmax
@@ -60,14 +61,6 @@ def pack(model, texts) -> np.ndarray:
     if not parts:
         raise ValueError("the corpus has no tokens: give at least one non-empty text")
     return np.concatenate(parts)
-
-
-def check_window(model, window):
-    n = model.config.n_positions
-    window = n if window is None else window
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or not 1 <= window <= n:
-        raise ValueError(f"window={window!r} must be a whole number from 1 to {n} (the model's context)")
-    return int(window)
 
 
 def _rows(model, rows, sublayers):
