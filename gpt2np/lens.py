@@ -100,11 +100,11 @@ def logit_lens(model, trace, *, k: int = 5, step: int = 1, include_input: bool =
     return assemble(model, ids, rows, start, end, out, settings(k, step, include_input, sublayers, dec, model))
 
 
-def progress_bar(progress: bool, total: int, unit: str):
+def progress_bar(progress: bool, total: int, unit: str, desc: str = "lens"):
     """A tqdm bar on standard error, ``total`` steps of ``unit`` (with the time left); off unless ``progress``."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit=unit, desc="lens", disable=not progress, dynamic_ncols=True)
+    return tqdm(total=total, unit=unit, desc=desc, disable=not progress, dynamic_ncols=True)
 
 
 def log_softmax(z):

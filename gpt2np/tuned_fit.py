@@ -38,7 +38,7 @@ import numpy as np
 from .corpus import check_window
 from .decoder import select_rows
 from .files import write_bytes
-from .lens import kl, log_softmax
+from .lens import kl, log_softmax, progress_bar
 from .tuned import TunedLens, fingerprint, row_labels
 
 CHUNK = 512  # positions per [chunk, V] product in the KL fit
@@ -72,13 +72,6 @@ def _rows(model, rows, sublayers):
     if bad or not labels:
         raise ValueError(f"rows {bad or '(none)'} cannot be translated: choose among {list(row_labels(L, sublayers=True))}")
     return [allowed[r] for r in labels]
-
-
-def _bar(progress: bool, total: int, unit: str, desc: str):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, unit=unit, unit_scale=True, desc=desc, dynamic_ncols=True)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -147,18 +140,16 @@ def fit_ridge(model, texts, *, window: int | None = None, ridge: float = 1e-3, r
     need_mid = any(r.source == "resid_mid" for r in fit_rows)
     sums = [RidgeSums.zeros(D) for _ in fit_rows]
     first = 1 if skip_first else 0
-    bar = _bar(progress, len(ids), "tok", "ridge")
+    bar = progress_bar(progress, len(ids), "tok", "ridge")
     try:
         for a in range(0, len(ids), window):
             trace = model.forward(ids[a:a + window], sublayers=need_mid)
             y = trace.resid[L, first:]  # [T', D] the final stream
             for s, row in zip(sums, fit_rows):
                 s.add(getattr(trace, row.source)[row.index, first:], y)
-            if bar is not None:
-                bar.update(min(window, len(ids) - a))
+            bar.update(min(window, len(ids) - a))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if sums[0].n == 0:
         raise ValueError(f"the corpus's {len(ids)} tokens leave no position to fit (each window's first is left "
                          "out): give more text or skip_first=False")
@@ -287,9 +278,8 @@ def fit_kl(model, texts, *, init="ridge", steps: int = 250, tokens_per_step: int
 
     need_mid = any(r.source == "resid_mid" for r in fit_rows)
     lr0 = opt.lr_scale * (1 - opt.momentum)
-    bar = _bar(progress, opt.steps, "step", "kl")
-    if bar is not None:
-        bar.update(step)
+    bar = progress_bar(progress, opt.steps, "step", "kl")
+    bar.update(step)
     try:
         while step < opt.steps:
             losses, gW, gb = step_gradient(model, ids[step * opt.tokens_per_step:(step + 1) * opt.tokens_per_step],
@@ -306,14 +296,12 @@ def fit_kl(model, texts, *, init="ridge", steps: int = 250, tokens_per_step: int
             bias = (bias - lr * (gb + opt.momentum * buffers[1])).astype(np.float32)
             history.append([float(x) for x in losses])
             step += 1
-            if bar is not None:
-                bar.set_postfix(kl=f"{float(np.mean(losses)):.3f}")
-                bar.update(1)
+            bar.set_postfix(kl=f"{float(np.mean(losses)):.3f}")
+            bar.update(1)
             if checkpoint_every and (step % checkpoint_every == 0 or step == opt.steps):
                 write_checkpoint(checkpoint, run, labels, weight, bias, buffers, step, history)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return TunedLens(labels, weight, bias,
                      {"model": model.name, "fingerprint": run["fingerprint"], "method": "kl",
                       "tokens": int(need), "init": init if isinstance(init, str) else "lens", "window": window,
